@@ -1,0 +1,74 @@
+"""The appliance's error tree, and the one place each error becomes a reply.
+
+Frontends raise or catch these and call `http_reply` at the edge; the access log records
+`log_result`. Protocol errors come from `protocols/` (h11/wsproto style: Remote = the peer broke
+the protocol, Local = we did); the others are ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .protocols.http1 import LocalProtocolError, ProtocolError, RemoteProtocolError
+
+
+class UpstreamError(Exception):
+    """The origin could not be used. `kind`: dns | connect | tls | timeout | protocol | closed."""
+
+    def __init__(self, kind: str, target: str, detail: str) -> None:
+        super().__init__(f"{kind} error for {target}: {detail}")
+        self.kind = kind
+        self.target = target
+        self.detail = detail
+
+
+class ClientError(Exception):
+    """The client went away or stalled past its idle timeout; nobody is left to answer."""
+
+
+class PolicyDenied(Exception):
+    """A rule (or the default deny) refused the request; `rule` names it for the admin."""
+
+    def __init__(self, rule: str, reason: str = "denied by policy", status: int = 403) -> None:
+        super().__init__(f"{reason}: {rule}")
+        self.rule = rule
+        self.reason = reason
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    reason: str
+    body: str          # short text for the client: what happened and who decided
+    log_error: str     # what the access log's `error` field says
+
+
+_UPSTREAM_STATUS = {"timeout": 504}
+
+
+def http_reply(exc: BaseException) -> Reply:
+    """Map any error on the data path to the HTTP answer and the log entry (the only such map)."""
+    if isinstance(exc, PolicyDenied):
+        return Reply(exc.status, _REASONS.get(exc.status, "Forbidden"),
+                     f"{exc.reason}: {exc.rule}\n", f"denied: {exc.rule}")
+    if isinstance(exc, UpstreamError):
+        status = _UPSTREAM_STATUS.get(exc.kind, 502)
+        return Reply(status, _REASONS[status], f"{_REASONS[status]}: {exc}\n", f"upstream {exc.kind}: {exc.detail}")
+    if isinstance(exc, RemoteProtocolError):
+        status = exc.status
+        return Reply(status, _REASONS.get(status, "Bad Request"), f"{exc}\n", f"protocol: {exc}")
+    if isinstance(exc, (LocalProtocolError, ProtocolError)):
+        return Reply(502, "Bad Gateway", f"cannot forward this message: {exc}\n", f"local protocol: {exc}")
+    return Reply(500, "Internal Server Error", "internal error\n", f"internal: {type(exc).__name__}: {exc}")
+
+
+_REASONS = {
+    400: "Bad Request", 403: "Forbidden", 404: "Not Found", 407: "Proxy Authentication Required",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout", 505: "HTTP Version Not Supported", 508: "Loop Detected",
+}
+
+
+def reason_phrase(status: int) -> str:
+    return _REASONS.get(status, "Unknown")

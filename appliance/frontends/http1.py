@@ -1,0 +1,356 @@
+"""The explicit HTTP/1.1 proxy: one greenlet per client connection, requests served in turn.
+
+Data path: read a head → parse (protocols.http1) → build an Intent → policy.decide → either
+  - CONNECT host:port: connect, answer 200, relay bytes both ways (relay.pipe);
+  - GET with `Upgrade: websocket`: forward the handshake on a fresh origin connection; after the
+    origin's 101 both sides become a byte tunnel, any other answer is a normal response;
+  - any other method in absolute-form: forward over a pooled origin connection, bodies streamed
+    both ways (RFC 9112 framing, trailers kept), hop-by-hop fields dropped, Via added.
+Every request or tunnel ends in exactly one access-log record. Errors map to replies in one
+place (`errors.http_reply`); after an error the client connection is closed, since the rest of
+its bytes can no longer be trusted to be at a message boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+from gevent import socket
+
+import gevent
+
+from .. import relay
+from ..context import ProxyContext
+from ..errors import ClientError, PolicyDenied, UpstreamError, http_reply
+from ..observe import AccessRecord
+from ..policy import Intent, decide, needs_addresses
+from ..protocols import forwarding as fwd
+from ..protocols.http1 import (
+    NO_BODY, Headers, LocalProtocolError, RemoteProtocolError, RequestHead, ResponseHead,
+    body_decoder, chunk_header, header_value, last_chunk, parse_request_head,
+    parse_response_head, request_framing, request_line, response_framing, serialize_head,
+    status_line, wants_keep_alive,
+)
+from ..reader import SocketReader, send
+from ..upstream import OriginConnection, connect
+
+log = logging.getLogger("appliance.http1")
+
+_EXPECTED = (PolicyDenied, UpstreamError, RemoteProtocolError, LocalProtocolError)
+
+
+def error_response(status: int, reason: str, body: str, pseudonym: str) -> bytes:
+    payload = body.encode("utf-8")
+    head = serialize_head(status_line(status, reason), (
+        ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(payload))),
+        ("Connection", "close"), ("Via", fwd.via_value((1, 1), pseudonym)),
+    ))
+    return head + payload
+
+
+class BodyPump:
+    """Moves one message body from a reader to a socket, re-framing it for the receiving side."""
+
+    def __init__(self, src: SocketReader, dst: socket.socket, dst_side: str, timeout: float,
+                 chunked_out: bool, trailers_out: bool = True, dst_name: str = "") -> None:
+        self.src, self.dst, self.dst_side = src, dst, dst_side
+        self.timeout, self.dst_name = timeout, dst_name
+        self.chunked_out = chunked_out
+        self.trailers_out = trailers_out
+        self.sent = 0
+
+    def _send(self, data: bytes) -> None:
+        send(self.dst, data, self.dst_side, self.timeout, self.dst_name)
+        self.sent += len(data)
+
+    def run(self, decoder, prefix: bytes = b"") -> Headers:
+        """Stream the body; `prefix` (a head) goes out with the first body bytes."""
+        pending = prefix
+        while not decoder.done:
+            data = self.src.recv()
+            if not data:
+                decoder.feed_eof()
+                break
+            for piece in decoder.feed(data):
+                framed = chunk_header(len(piece)) + piece + b"\r\n" if self.chunked_out else piece
+                self._send(pending + framed if pending else framed)
+                pending = b""
+        self.src.unread(decoder.leftover)
+        if self.chunked_out:
+            pending += last_chunk(decoder.trailers if self.trailers_out else ())
+        if pending:
+            self._send(pending)
+        return decoder.trailers
+
+
+class Http1Session:
+    """One client connection on an `http` listener."""
+
+    def __init__(self, ctx: ProxyContext, sock: socket.socket, address, listener: str) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.sock = sock
+        self.client_ip = address[0]
+        self.listener = listener
+        self.limits = self.config.limits
+        self.pseudonym = self.config.appliance.name
+        self.client = SocketReader(sock, "client", self.limits.client_idle_timeout)
+
+    # --- connection loop --------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.ctx.observer.connection_opened(self.listener)
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while self.serve_one():
+                pass
+        except ClientError as exc:
+            log.debug("client %s: %s", self.client_ip, exc)
+        finally:
+            self.ctx.observer.connection_closed(self.listener)
+
+    def serve_one(self) -> bool:
+        """Serve one request; True to keep the connection for another."""
+        before = self.client.received - len(self.client.buffered)
+        try:
+            raw = self.client.read_head(self.limits.max_header_bytes)
+        except ClientError:
+            return False                      # idle between requests, or gone: nothing to log
+        except RemoteProtocolError as exc:
+            self._finish_error(AccessRecord(self.listener, self.client_ip), exc)
+            return False
+        if raw is None:
+            return False
+        record = AccessRecord(self.listener, self.client_ip)
+        keep = False
+        try:
+            head = parse_request_head(raw)
+            record.method, record.target = head.method, head.target
+            keep = self.tunnel(head, record) if head.method == "CONNECT" else self.forward(head, record)
+        except _EXPECTED as exc:
+            self._finish_error(record, exc)
+            return False
+        except ClientError as exc:
+            record.error = record.error or f"client: {exc}"
+            self.ctx.observer.finish(record)
+            raise
+        record.bytes_up = max(record.bytes_up, self.client.received - len(self.client.buffered) - before)
+        self.ctx.observer.finish(record)
+        return keep
+
+    def _finish_error(self, record: AccessRecord, exc: BaseException) -> None:
+        reply = http_reply(exc)
+        record.error = reply.log_error
+        if isinstance(exc, PolicyDenied):
+            record.rule = exc.rule
+        if record.status == 0:                 # nothing sent yet: the client gets a real answer
+            record.status = reply.status
+            try:
+                data = error_response(reply.status, reply.reason, reply.body, self.pseudonym)
+                self.client.sendall(data)
+                record.bytes_down += len(data)
+            except ClientError:
+                pass
+        log.info("%s %s %s from %s: %s", record.method, record.target, record.status,
+                 self.client_ip, reply.log_error)
+        self.ctx.observer.finish(record)
+
+    # --- policy -----------------------------------------------------------------------------
+
+    def authorize(self, kind: str, host: str, port: int, scheme: str, method: str,
+                  record: AccessRecord) -> None:
+        intent = Intent(self.client_ip, self.listener, kind, host, port, scheme, method)
+        rules = self.config.rules
+        if needs_addresses(rules, intent):
+            intent = Intent(**{**intent.__dict__, "addresses": tuple(self.ctx.resolver.resolve(host))})
+        decision = decide(rules, intent)
+        record.rule = decision.rule
+        if decision.action == "deny":
+            raise PolicyDenied(decision.rule)
+
+    # --- CONNECT ----------------------------------------------------------------------------
+
+    def tunnel(self, head: RequestHead, record: AccessRecord) -> bool:
+        record.kind = "tunnel"
+        host, port = fwd.parse_authority(head.target)
+        self.authorize("tunnel", host, port, "tcp", "CONNECT", record)
+        origin = self._connect(host, port)
+        record.upstream = origin.getpeername()[0]
+        reply = serialize_head(status_line(200, "Connection established"), ())
+        record.bytes_up = self.client.received - len(self.client.buffered)
+        self.client.sendall(reply)
+        record.status = 200
+        result = relay.pipe(self.sock, origin, self.limits.tunnel_idle_timeout,
+                            a_to_b_first=self._take_buffered())
+        origin.close()
+        record.bytes_up += result.a_to_b
+        record.bytes_down += len(reply) + result.b_to_a
+        record.error = result.error
+        return False
+
+    def _connect(self, host: str, port: int) -> socket.socket:
+        return connect(self.ctx.resolver, host, port, self.config.upstream.connect_timeout)
+
+    def _take_buffered(self) -> bytes:
+        data, self.client.buffered = self.client.buffered, b""
+        return data
+
+    # --- forwarding -------------------------------------------------------------------------
+
+    def forward(self, head: RequestHead, record: AccessRecord) -> bool:
+        if head.target.startswith("/") or head.target == "*":
+            raise RemoteProtocolError("this is a proxy: requests need an absolute http:// URL")
+        target = fwd.parse_absolute_target(head.target)
+        if target.scheme in ("https", "wss"):
+            raise RemoteProtocolError("https:// URLs go through CONNECT, not in a plain request", 501)
+        framing = request_framing(head)
+        if fwd.has_via_loop(head.headers, self.pseudonym):
+            raise PolicyDenied("Via header names this appliance", "forwarding loop detected")
+        websocket = fwd.is_websocket_upgrade(head.method, head.headers)
+        record.kind = "websocket" if websocket else "request"
+        self.authorize(record.kind, target.host, target.port, target.scheme, head.method, record)
+        headers = fwd.origin_request_headers(head.headers, target, head.version, self.pseudonym,
+                                             upgrade=websocket)
+        if framing.kind == "chunked":
+            headers += (("Transfer-Encoding", "chunked"),)
+        upstream_head = serialize_head(request_line(head.method, target.path), headers)
+        exchange = OriginExchange(self, head, record, target, upstream_head, framing)
+        return exchange.run(websocket)
+
+
+class OriginExchange:
+    """One request forwarded to an origin and its response streamed back."""
+
+    def __init__(self, session: Http1Session, head: RequestHead, record: AccessRecord,
+                 target: fwd.Target, upstream_head: bytes, framing) -> None:
+        self.s = session
+        self.head = head
+        self.record = record
+        self.target = target
+        self.upstream_head = upstream_head
+        self.framing = framing
+        self.timeout = session.config.upstream.response_timeout
+        self.upload: gevent.Greenlet | None = None
+
+    def run(self, websocket: bool) -> bool:
+        try:
+            conn, response = self._send_request(fresh=websocket)
+            if websocket and response.status == 101:
+                return self._switch(conn, response)
+            return self._respond(conn, response, reusable=not websocket)
+        except UpstreamError:
+            # The upload failing (client stalled, origin refused the body) is the real cause.
+            if self.upload is not None and self.upload.dead and not self.upload.successful():
+                raise self.upload.exception from None
+            raise
+
+    # request side
+
+    def _send_request(self, fresh: bool) -> tuple[OriginConnection, ResponseHead]:
+        pool = self.s.ctx.pool
+        for attempt in (1, 2):
+            conn = OriginConnection(self.s._connect(self.target.host, self.target.port),
+                                    (self.target.host, self.target.port)) if fresh else \
+                pool.get(self.target.host, self.target.port)
+            self.origin = SocketReader(conn.sock, "origin", self.timeout, self.target.hostport)
+            self.record.upstream = conn.sock.getpeername()[0]
+            try:
+                self.origin.sendall(self.upstream_head)
+                if self.framing is not NO_BODY:
+                    self.upload = gevent.spawn(self._upload, conn)
+                return conn, self._read_final_head(conn)
+            except UpstreamError as exc:
+                conn.close()
+                # A pooled connection the origin closed meanwhile: retry once, if nothing of the
+                # request body has been consumed (it cannot be replayed).
+                if not (conn.reused and attempt == 1 and self.framing is NO_BODY and exc.kind == "closed"):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _upload(self, conn: OriginConnection) -> None:
+        pump = BodyPump(self.s.client, conn.sock, "origin", self.timeout,
+                        chunked_out=self.framing.kind == "chunked", dst_name=self.target.hostport)
+        try:
+            pump.run(body_decoder(self.framing))
+        except BaseException:
+            try:                              # wake the response reader: this exchange is over
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            raise
+
+    def _read_final_head(self, conn: OriginConnection) -> ResponseHead:
+        while True:
+            raw = self.origin.read_head(self.s.limits.max_header_bytes)
+            if raw is None:
+                raise UpstreamError("closed", self.target.hostport, "origin closed without a response")
+            response = parse_response_head(raw)
+            if response.status >= 200 or response.status == 101:
+                return response
+            if self.head.version >= (1, 1):   # 100 Continue and friends go to 1.1 clients
+                self.s.client.sendall(raw)
+
+    # response side
+
+    def _client_head(self, response: ResponseHead, headers: Headers) -> bytes:
+        return serialize_head(status_line(response.status, response.reason, (1, 1)),
+                              fwd.add_via(headers, response.version, self.s.pseudonym))
+
+    def _respond(self, conn: OriginConnection, response: ResponseHead, reusable: bool) -> bool:
+        record = self.record
+        framing = response_framing(self.head.method, response)
+        keep_client = wants_keep_alive(self.head.version, self.head.headers)
+        headers = fwd.strip_hop_by_hop(response.headers)
+        chunked_out = False
+        if framing.kind in ("chunked", "close"):
+            if self.head.version >= (1, 1):
+                chunked_out = True
+                headers += (("Transfer-Encoding", "chunked"),)
+            else:
+                keep_client = False
+        if not keep_client:
+            headers += (("Connection", "close"),)
+        record.status = response.status
+        record.content_type = header_value(response.headers, "content-type")
+        pump = BodyPump(self.origin, self.s.sock, "client", self.s.limits.client_idle_timeout,
+                        chunked_out=chunked_out)
+        try:
+            pump.run(body_decoder(framing), prefix=self._client_head(response, headers))
+        finally:
+            record.bytes_down += pump.sent
+        upload_ok = self._finish_upload()
+        if reusable and upload_ok and framing.kind != "close" and \
+                wants_keep_alive(response.version, response.headers):
+            self.s.ctx.pool.put(conn)
+        else:
+            conn.close()
+        return keep_client and upload_ok
+
+    def _finish_upload(self) -> bool:
+        """Wait for the request body to finish; an early response ends it (and the connection)."""
+        if self.upload is None:
+            return True
+        self.upload.join(timeout=0 if not self.upload.dead and self.record.status >= 400 else None)
+        if not self.upload.dead:
+            self.upload.kill()
+            return False
+        if not self.upload.successful():
+            raise self.upload.exception
+        return True
+
+    def _switch(self, conn: OriginConnection, response: ResponseHead) -> bool:
+        """After 101 Switching Protocols the two connections are one byte tunnel (RFC 9110 §15.2.2)."""
+        record = self.record
+        headers = fwd.strip_hop_by_hop(response.headers, keep=frozenset({"upgrade"}))
+        headers += (("Connection", "Upgrade"),)
+        head = self._client_head(response, headers)
+        self.s.client.sendall(head)
+        record.status = 101
+        record.bytes_up = self.s.client.received - len(self.s.client.buffered)
+        result = relay.pipe(self.s.sock, conn.sock, self.s.limits.tunnel_idle_timeout,
+                            a_to_b_first=self.s._take_buffered(),
+                            b_to_a_first=self.origin.buffered)
+        conn.close()
+        record.bytes_up += result.a_to_b
+        record.bytes_down += len(head) + result.b_to_a
+        record.error = result.error
+        return False

@@ -1,0 +1,140 @@
+"""Access log and metrics: the end of every path through the appliance.
+
+Each request or tunnel carries one `AccessRecord` that the frontend fills as it goes; `Observer.
+finish` writes it exactly once, as a JSON line or a Squid native line (so SARG and friends keep
+working), and updates the Prometheus metrics served on the admin listener.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from . import __version__
+
+
+@dataclass
+class AccessRecord:
+    """What happened to one request or tunnel; filled along the data path, written once."""
+
+    listener: str
+    client: str
+    kind: str = "request"                 # request | tunnel | websocket
+    method: str = "-"
+    target: str = "-"
+    status: int = 0
+    bytes_up: int = 0                     # client → origin, bytes as received from the client
+    bytes_down: int = 0                   # origin → client, bytes as sent to the client
+    rule: str | None = None
+    error: str | None = None
+    user: str | None = None
+    upstream: str | None = None           # origin address actually used
+    content_type: str | None = None
+    start: float = field(default_factory=time.time)
+    _mono: float = field(default_factory=time.monotonic, repr=False)
+
+    @property
+    def duration_s(self) -> float:
+        return time.monotonic() - self._mono
+
+    def squid_result(self) -> str:
+        if self.error and self.error.startswith("denied"):
+            return "TCP_DENIED"
+        if self.kind in ("tunnel", "websocket") and self.status in (101, 200):
+            return "TCP_TUNNEL"
+        if self.status == 0 or (self.error and self.error.startswith("protocol")):
+            return "NONE_NONE"
+        return "TCP_MISS"
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "time": round(self.start, 3), "client": self.client, "user": self.user,
+            "listener": self.listener, "kind": self.kind, "method": self.method,
+            "target": self.target, "status": self.status, "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down, "duration_ms": round(self.duration_s * 1000, 1),
+            "rule": self.rule, "upstream": self.upstream, "error": self.error,
+        }, separators=(",", ":"))
+
+    def to_squid(self) -> str:
+        """`%ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt` (Squid's default)."""
+        hier = f"HIER_DIRECT/{self.upstream}" if self.upstream else "HIER_NONE/-"
+        return (f"{self.start:.3f} {int(self.duration_s * 1000):6d} {self.client} "
+                f"{self.squid_result()}/{self.status:03d} {self.bytes_down} {self.method} "
+                f"{self.target} {self.user or '-'} {hier} {self.content_type or '-'}")
+
+
+class AccessLog:
+    """Appends one line per record to a file (reopened on SIGUSR1 for logrotate) or stdout."""
+
+    def __init__(self, path: str, fmt: str = "jsonl") -> None:
+        self.path = path
+        self.format = fmt
+        self._file = None
+        self.reopen()
+
+    def reopen(self) -> None:
+        if self.path == "-":
+            self._file = sys.stdout
+            return
+        old, self._file = self._file, open(self.path, "a", encoding="utf-8", buffering=1)
+        if old is not None:
+            old.close()
+
+    def write(self, record: AccessRecord) -> None:
+        line = record.to_squid() if self.format == "squid" else record.to_json()
+        self._file.write(line + "\n")
+        if self.path == "-":
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None and self.path != "-":
+            self._file.close()
+
+
+class Metrics:
+    """Prometheus metrics (`appliance_` prefix, base units, `_total` counters), per listener."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Counter("appliance_connections", "Client connections accepted",
+                                   ["listener"], registry=r)
+        self.active = Gauge("appliance_active_connections", "Client connections open now",
+                            ["listener"], registry=r)
+        self.requests = Counter("appliance_requests", "Requests and tunnels by final status",
+                                ["listener", "status"], registry=r)
+        self.bytes = Counter("appliance_transferred_bytes", "Bytes relayed (up: client to origin)",
+                             ["listener", "direction"], registry=r)
+        self.duration = Histogram("appliance_request_duration_seconds", "Request or tunnel duration",
+                                  ["listener"], registry=r)
+        Info("appliance_build", "Build information", registry=r).info({"version": __version__})
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Observer:
+    """Where every path ends: one access-log line and one set of metric updates."""
+
+    def __init__(self, access_log: AccessLog, metrics: Metrics | None = None) -> None:
+        self.access_log = access_log
+        self.metrics = metrics or Metrics()
+
+    def connection_opened(self, listener: str) -> None:
+        self.metrics.connections.labels(listener).inc()
+        self.metrics.active.labels(listener).inc()
+
+    def connection_closed(self, listener: str) -> None:
+        self.metrics.active.labels(listener).dec()
+
+    def finish(self, record: AccessRecord) -> None:
+        m = self.metrics
+        m.requests.labels(record.listener, str(record.status)).inc()
+        m.bytes.labels(record.listener, "up").inc(record.bytes_up)
+        m.bytes.labels(record.listener, "down").inc(record.bytes_down)
+        m.duration.labels(record.listener).observe(record.duration_s)
+        self.access_log.write(record)

@@ -1,0 +1,1 @@
+"""Sans-I/O protocol codecs: no sockets, no greenlets, no clock."""

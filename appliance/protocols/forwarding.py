@@ -1,0 +1,140 @@
+"""What a forward proxy changes in a message it passes on (RFC 9110 §7.6, RFC 9112 §3.2).
+
+Sans-I/O: request targets (absolute-form and authority-form) become a `Target`; hop-by-hop
+fields go, `Via` is added, and a request that already passed through this appliance is seen as a
+loop. The HTTP/1.1 frontend and, later, the HTTP/2 frontend share these rules.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from .http1 import Headers, RemoteProtocolError, connection_tokens, header_values
+
+# RFC 9110 §7.6.1 names these; Proxy-Connection and Keep-Alive are the pre-standard ones
+# clients still send (RFC 9112 §9.6 / Appendix C.2.2).
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade",
+    "proxy-authenticate", "proxy-authorization", "trailer",
+})
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a request goes: scheme, host (no brackets), port and the origin-form path."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str = "/"
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.port == DEFAULT_PORTS.get(self.scheme):
+            return host
+        return f"{host}:{self.port}"
+
+    @property
+    def hostport(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _check_host(host: str) -> str:
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise RemoteProtocolError(f"invalid host {host!r}")
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1].split("%")[0]))
+        except ValueError:
+            raise RemoteProtocolError(f"invalid IPv6 literal {host!r}") from None
+    if not _HOSTNAME.fullmatch(host):
+        raise RemoteProtocolError(f"invalid host {host!r}")
+    return host.rstrip(".").lower()
+
+
+def parse_authority(authority: str, default_port: int | None = None) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` (authority-form, RFC 9112 §3.2.3) to (host, port)."""
+    if "@" in authority:
+        raise RemoteProtocolError("userinfo is not allowed in a request target")
+    host, sep, port_text = authority.rpartition(":")
+    if not sep or host.endswith(":") or (host.startswith("[") != host.endswith("]")):
+        host, port_text = authority, ""
+    if not port_text:
+        if default_port is None:
+            raise RemoteProtocolError(f"port missing in {authority!r}")
+        port = default_port
+    elif port_text.isdigit() and 0 < int(port_text) < 65536:
+        port = int(port_text)
+    else:
+        raise RemoteProtocolError(f"invalid port in {authority!r}")
+    return _check_host(host), port
+
+
+def parse_absolute_target(target: str) -> Target:
+    """absolute-form `scheme://authority/path?query` (RFC 9112 §3.2.2) to a `Target`."""
+    scheme, sep, rest = target.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in DEFAULT_PORTS:
+        raise RemoteProtocolError(f"a proxy request needs an absolute http:// URL, got {target[:80]!r}")
+    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    authority, path = rest[:cut], rest[cut:].split("#", 1)[0]
+    if not authority:
+        raise RemoteProtocolError("empty host in request target")
+    host, port = parse_authority(authority, DEFAULT_PORTS[scheme])
+    if not path.startswith("/"):
+        path = "/" + path
+    return Target(scheme, host, port, path)
+
+
+def strip_hop_by_hop(headers: Headers, keep: frozenset[str] = frozenset()) -> Headers:
+    """Drop hop-by-hop fields and every field the Connection header names (RFC 9110 §7.6.1)."""
+    drop = (HOP_BY_HOP | connection_tokens(headers)) - keep
+    return tuple((k, v) for k, v in headers if k.lower() not in drop)
+
+
+def via_value(version: tuple[int, int], pseudonym: str) -> str:
+    return f"{version[0]}.{version[1]} {pseudonym}"
+
+
+def add_via(headers: Headers, version: tuple[int, int], pseudonym: str) -> Headers:
+    """Append our hop to Via (RFC 9110 §7.6.3); the protocol is the one we received."""
+    return headers + (("Via", via_value(version, pseudonym)),)
+
+
+def has_via_loop(headers: Headers, pseudonym: str) -> bool:
+    """True when a Via entry names this appliance: the request came round to us again."""
+    for entry in header_values(headers, "via"):
+        parts = entry.split()
+        if len(parts) >= 2 and parts[1].lower() == pseudonym.lower():
+            return True
+    return False
+
+
+def is_websocket_upgrade(method: str, headers: Headers) -> bool:
+    """An HTTP/1.1 WebSocket opening handshake (RFC 6455 §4.1) on a GET."""
+    return (method == "GET" and "upgrade" in connection_tokens(headers)
+            and "websocket" in {v.lower() for v in header_values(headers, "upgrade")})
+
+
+def origin_request_headers(headers: Headers, target: Target, version: tuple[int, int],
+                           pseudonym: str, upgrade: bool = False) -> Headers:
+    """The fields an origin sees: hop-by-hop gone, Host from the target, our Via added.
+
+    For a WebSocket handshake the Upgrade/Connection pair is kept, since that hop is the one
+    being upgraded. `TE: trailers` is passed on because this proxy forwards trailers.
+    """
+    keep = frozenset({"upgrade"}) if upgrade else frozenset()
+    out = tuple((k, v) for k, v in strip_hop_by_hop(headers, keep) if k.lower() != "host")
+    out = (("Host", target.authority),) + out
+    if upgrade:
+        out += (("Connection", "Upgrade"),)
+    elif "trailers" in {v.lower() for v in header_values(headers, "te")}:
+        out += (("TE", "trailers"), ("Connection", "TE"))
+    return add_via(out, version, pseudonym)

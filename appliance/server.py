@@ -1,0 +1,128 @@
+"""Starts the listeners, routes each accepted connection to its frontend, handles signals.
+
+Each listener address gets a gevent `StreamServer`; all share one `Pool(max_connections)`, so a
+flood of connections waits at accept instead of exhausting memory. Signals: TERM/INT drain and
+stop, HUP reloads the config (kept if invalid), USR1 reopens the access log for logrotate.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import gevent
+from gevent import socket
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from . import __version__
+from .config import Address, Config, ConfigErrors, load
+from .context import ProxyContext
+from .frontends.admin import PROMETHEUS_TEXT, AdminSession, json_body
+from .frontends.http1 import Http1Session
+from .observe import AccessLog, Observer
+
+log = logging.getLogger("appliance.server")
+
+IMPLEMENTED = ("http", "admin")
+PLANNED = ("https", "socks5", "pac", "dns", "transparent_http", "transparent_tls")
+DRAIN_SECONDS = 10.0
+
+
+def listening_socket(address: Address, backlog: int = 1024) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((address.host, address.port))
+    sock.listen(backlog)
+    return sock
+
+
+class ApplianceServer:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.access_log = AccessLog(config.log.access_log, config.log.format)
+        self.observer = Observer(self.access_log)
+        self.ctx = ProxyContext.from_config(config, self.observer)
+        self.servers: list[tuple[str, StreamServer]] = []
+        self.started_at = time.time()
+        self._stop = Event()
+        self._pool = Pool(config.limits.max_connections)
+
+    # --- listeners --------------------------------------------------------------------------
+
+    def _handler(self, kind: str):
+        if kind == "http":
+            return lambda sock, addr: Http1Session(self.ctx, sock, addr, "http").run()
+        routes = {"/healthz": self._healthz, "/metrics": self._metrics, "/status": self._status}
+        limits = self.config.limits
+        return lambda sock, addr: AdminSession(sock, addr, routes, limits.client_idle_timeout,
+                                               limits.max_header_bytes).run()
+
+    def start(self) -> None:
+        listen = self.config.listen
+        for kind in PLANNED:
+            if getattr(listen, kind):
+                log.warning("listen.%s is configured but not available in this version; not started", kind)
+        for kind in IMPLEMENTED:
+            for address in getattr(listen, kind):
+                server = StreamServer(listening_socket(address), self._handler(kind), spawn=self._pool)
+                server.start()
+                self.servers.append((kind, server))
+                log.info("%s listener on %s", kind, address)
+        log.info("appliance %s ready", __version__)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.servers) and all(s.started for _, s in self.servers)
+
+    def stop(self, timeout: float = DRAIN_SECONDS) -> None:
+        for _, server in self.servers:
+            server.close()                   # stop accepting at once
+        for _, server in self.servers:
+            server.stop(timeout=timeout)     # then give connections in flight time to finish
+        self.ctx.pool.close()
+        self.access_log.close()
+
+    # --- admin routes -----------------------------------------------------------------------
+
+    def _healthz(self) -> tuple[int, str, bytes]:
+        if self.ready:
+            return 200, "text/plain", b"ok\n"
+        return 503, "text/plain", b"starting\n"
+
+    def _metrics(self) -> tuple[int, str, bytes]:
+        return 200, PROMETHEUS_TEXT, self.observer.metrics.render()
+
+    def _status(self) -> tuple[int, str, bytes]:
+        return 200, "application/json", json_body({
+            "version": __version__, "config": str(self.config.path),
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "listeners": [{"kind": k, "address": f"{s.server_host}:{s.server_port}"} for k, s in self.servers],
+            "connections": len(self._pool), "pooled_origin_connections": self.ctx.pool.idle_count,
+        })
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        try:
+            config = load(self.config.path)
+        except ConfigErrors as exc:
+            log.error("reload refused, keeping the running config:\n%s", exc)
+            return
+        self.config = self.ctx.config = config
+        log.info("config reloaded from %s (listener changes need a restart)", config.path)
+
+    def serve_forever(self) -> None:
+        gevent.signal_handler(signal.SIGTERM, self._stop.set)
+        gevent.signal_handler(signal.SIGINT, self._stop.set)
+        gevent.signal_handler(signal.SIGHUP, self.reload)
+        gevent.signal_handler(signal.SIGUSR1, self.access_log.reopen)
+        self.start()
+        self._stop.wait()
+        log.info("stopping: draining connections for up to %gs", DRAIN_SECONDS)
+        self.stop()
