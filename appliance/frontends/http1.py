@@ -318,6 +318,7 @@ class OriginExchange:
         finally:
             record.bytes_down += pump.sent
         upload_ok = self._finish_upload()
+        conn.buffered = self.origin.buffered     # bytes past the response: the pool refuses it
         if reusable and upload_ok and framing.kind != "close" and \
                 wants_keep_alive(response.version, response.headers):
             self.s.ctx.pool.put(conn)

@@ -1,0 +1,255 @@
+"""End-to-end fixtures: the real appliance process, real origins, real clients; loopback only.
+
+Every process a test starts is stopped by its PID; every wait is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.05) + 1):
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def require_tool(name: str) -> str:
+    """The test command installs the tools; a missing one is a failure, never a skip."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; run the README's test command, which installs it")
+    return path
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
+        env.pop(key, None)
+    env["NO_PROXY"] = ""
+    return env
+
+
+class Process:
+    """A child process stopped by its PID: TERM, then KILL after a grace period."""
+
+    def __init__(self, args: list[str], log_path: Path, cwd: Path = REPO) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.popen = subprocess.Popen(args, cwd=cwd, env=child_env(), stdout=self._log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.pid = self.popen.pid
+
+    def stop(self, grace: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        self._log.close()
+        return self.popen.returncode
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+DEFAULT_RULES = """
+[[rule]]
+name = "loopback"
+action = "allow"
+src = ["127.0.0.0/8", "::1"]
+"""
+
+
+class Appliance:
+    """The real appliance (`python -m appliance run`) on free loopback ports, with a generated config."""
+
+    def __init__(self, workdir: Path, extra: str = "", rules: str = DEFAULT_RULES,
+                 http: list[str] | None = None, log: str = "") -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.http_port = free_port()
+        self.admin_port = free_port()
+        self.access_log = self.dir / "access.log"
+        listen = http or [f"127.0.0.1:{self.http_port}"]
+        self.config_path = self.dir / "appliance.toml"
+        self.config_path.write_text(
+            f'[appliance]\nname = "proxy.test"\nstate_dir = "var"\n\n'
+            f"[listen]\nhttp = {json.dumps(listen)}\nadmin = \"127.0.0.1:{self.admin_port}\"\n\n"
+            f'[log]\naccess_log = "access.log"\nlevel = "debug"\n{log}\n\n{extra}\n{rules}\n')
+        self.proc: Process | None = None
+
+    @property
+    def proxy(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> "Appliance":
+        self.proc = Process([sys.executable, "-m", "appliance", "run", "--config", str(self.config_path)],
+                            self.dir / "appliance.out")
+        deadline = time.monotonic() + 20
+        for _ in range(400):
+            if self.proc.popen.poll() is not None:
+                raise RuntimeError(f"appliance exited:\n{self.proc.output()}")
+            try:
+                if self.admin_get("/healthz")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        raise TimeoutError(f"appliance not healthy:\n{self.proc.output()}")
+
+    def admin_get(self, path: str) -> tuple[int, str]:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def records(self) -> list[dict]:
+        """Access-log records written so far (waits briefly for the last line to land)."""
+        if not self.access_log.exists():
+            return []
+        return [json.loads(line) for line in self.access_log.read_text().splitlines() if line.strip()]
+
+    def wait_records(self, count: int, timeout: float = 10.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.05) + 1):
+            records = self.records()
+            if len(records) >= count or time.monotonic() > deadline:
+                return records
+            time.sleep(0.05)
+        return self.records()
+
+    def wait_record(self, predicate, timeout: float = 10.0) -> dict:
+        """The newest access-log record for which `predicate` holds, waiting for it to be written."""
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.05) + 1):
+            found = [r for r in self.records() if predicate(r)]
+            if found:
+                return found[-1]
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no matching access-log record in {self.records()[-5:]}")
+
+    def peak_rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmHWM")
+
+    def stop(self) -> int:
+        return self.proc.stop() if self.proc else 0
+
+
+@pytest.fixture(scope="session")
+def origin(tmp_path_factory):
+    """The gevent.pywsgi test origin (tests/e2e/origin.py) on a free loopback port."""
+    port = free_port()
+    proc = Process([sys.executable, str(HERE / "origin.py"), str(port)],
+                   tmp_path_factory.mktemp("origin") / "origin.out")
+    try:
+        wait_for_port("127.0.0.1", port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def ws_origin(tmp_path_factory):
+    """The `websockets` library's echo server on a free loopback port."""
+    port = free_port()
+    proc = Process([sys.executable, str(HERE / "ws_origin.py"), str(port)],
+                   tmp_path_factory.mktemp("ws") / "ws.out")
+    try:
+        wait_for_port("127.0.0.1", port)
+        yield port
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory):
+    """One appliance with the default test config, shared by a module's tests."""
+    app = Appliance(tmp_path_factory.mktemp("appliance")).start()
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+@pytest.fixture
+def make_appliance(tmp_path):
+    """Factory for an appliance with a special config; all are stopped at the end of the test."""
+    started = []
+
+    def make(extra: str = "", rules: str = DEFAULT_RULES, **kw) -> Appliance:
+        app = Appliance(tmp_path / f"app{len(started)}", extra, rules, **kw).start()
+        started.append(app)
+        return app
+
+    try:
+        yield make
+    finally:
+        for app in started:
+            app.stop()
+
+
+def curl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the real curl (never through an environment proxy)."""
+    exe = require_tool("curl")
+    return subprocess.run([exe, "-sS", "--noproxy", "", *args], capture_output=True,
+                          timeout=timeout, env=child_env(), stdin=subprocess.DEVNULL)
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0, host: str = "127.0.0.1") -> bytes:
+    """Send raw bytes to the proxy and read until it closes (or the timeout)."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
