@@ -14,6 +14,7 @@ its bytes can no longer be trusted to be at a message boundary.
 from __future__ import annotations
 
 import logging
+import struct
 from gevent import socket
 
 import gevent
@@ -212,6 +213,8 @@ class Http1Session:
                                              upgrade=websocket)
         if framing.kind == "chunked":
             headers += (("Transfer-Encoding", "chunked"),)
+        if framing.kind == "chunked" and self.client.buffered:
+            body_decoder(framing).feed(self.client.buffered)   # refuse a bad first chunk before connecting
         upstream_head = serialize_head(request_line(head.method, target.path), headers)
         exchange = OriginExchange(self, head, record, target, upstream_head, framing)
         return exchange.run(websocket)
@@ -239,8 +242,8 @@ class OriginExchange:
             return self._respond(conn, response, reusable=not websocket)
         except UpstreamError:
             # The upload failing (client stalled, origin refused the body) is the real cause.
-            if self.upload is not None and self.upload.dead and not self.upload.successful():
-                raise self.upload.exception from None
+            if self.upload is not None and self.upload.dead and self.upload.value is not None:
+                raise self.upload.value from None
             raise
 
     # request side
@@ -266,17 +269,23 @@ class OriginExchange:
                     raise
         raise AssertionError("unreachable")
 
-    def _upload(self, conn: OriginConnection) -> None:
+    def _upload(self, conn: OriginConnection) -> Exception | None:
+        """Runs in its own greenlet beside the response reader; returns what stopped it, if anything."""
         pump = BodyPump(self.s.client, conn.sock, "origin", self.timeout,
                         chunked_out=self.framing.kind == "chunked", dst_name=self.target.hostport)
         try:
             pump.run(body_decoder(self.framing))
-        except BaseException:
-            try:                              # wake the response reader: this exchange is over
+            return None
+        except (ClientError, UpstreamError, RemoteProtocolError) as exc:
+            # The request body broke off: reset the origin connection (linger 0 sends RST on
+            # close) so the origin never takes a truncated body for a complete request, and
+            # wake the response reader, since this exchange is over.
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            raise
+            return exc
 
     def _read_final_head(self, conn: OriginConnection) -> ResponseHead:
         while True:
@@ -334,8 +343,8 @@ class OriginExchange:
         if not self.upload.dead:
             self.upload.kill()
             return False
-        if not self.upload.successful():
-            raise self.upload.exception
+        if self.upload.value is not None:
+            raise self.upload.value
         return True
 
     def _switch(self, conn: OriginConnection, response: ResponseHead) -> bool:

@@ -5,7 +5,8 @@ Run as `python origin.py PORT [HOST]`. Endpoints:
   /bytes?n=N      N zero bytes, with Content-Length, or chunked when &chunked=1
   /slow?s=S       sleeps S seconds, then 200
   /status?code=N  an empty answer with that status
-  /seen           JSON list of every request line this origin has received so far
+  /seen           JSON list of every request (method, path?query) received so far; /echo
+                  requests are listed only once their whole body has arrived
 Anything else: 404.
 """
 
@@ -48,9 +49,11 @@ def _zeros(n):
 def app(environ, start_response):
     path = environ["PATH_INFO"]
     query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-    SEEN.append(f"{environ['REQUEST_METHOD']} {path}")
+    query_string = environ.get("QUERY_STRING", "")
+    line = f"{environ['REQUEST_METHOD']} {path}" + (f"?{query_string}" if query_string else "")
     if path == "/echo":
         length, digest = _body_digest(environ)
+        SEEN.append(line)                 # only once the whole body has arrived
         headers = [[k[5:].replace("_", "-").title(), v] for k, v in environ.items() if k.startswith("HTTP_")]
         for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
             if environ.get(key):
@@ -60,6 +63,7 @@ def app(environ, start_response):
                            "peer_port": int(environ["REMOTE_PORT"])}).encode()
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
+    SEEN.append(line)
     if path == "/bytes":
         n = int(query.get("n", "0"))
         headers = [("Content-Type", "application/octet-stream")]
