@@ -1,0 +1,117 @@
+"""relay.pipe: both movers (splice through a pipe, and the portable buffer copy), half-close in
+each direction, byte counts, idle timeout and failure of one side."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import gevent
+import pytest
+from gevent import socket
+
+from appliance import relay
+
+MOVERS = ["splice", "copy"] if relay.SPLICE_AVAILABLE else ["copy"]
+
+
+def _pair():
+    """Two connected TCP socket pairs on loopback: (client, proxy_side_a), (proxy_side_b, server)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    c = socket.create_connection(("127.0.0.1", port))
+    a, _ = listener.accept()
+    b = socket.create_connection(("127.0.0.1", port))
+    s, _ = listener.accept()
+    listener.close()
+    return c, a, b, s
+
+
+def _read_all(sock) -> bytes:
+    chunks = []
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+@pytest.mark.parametrize("mover", MOVERS)
+def test_bytes_both_ways_with_half_close(mover):
+    c, a, b, s = _pair()
+    up = os.urandom(3 * 1024 * 1024 + 17)
+    down = os.urandom(1024 * 1024 + 5)
+    tunnel = gevent.spawn(relay.pipe, a, b, 30, use_splice=(mover == "splice"))
+
+    def client():
+        c.sendall(up)
+        c.shutdown(socket.SHUT_WR)          # client done sending; must still receive
+        return _read_all(c)
+
+    def server():
+        got = _read_all(s)                  # sees the client's FIN after all its bytes
+        s.sendall(down)
+        s.shutdown(socket.SHUT_WR)
+        return got
+
+    gc, gs = gevent.spawn(client), gevent.spawn(server)
+    gevent.joinall([gc, gs, tunnel], timeout=30, raise_error=True)
+    assert hashlib.sha256(gs.value).digest() == hashlib.sha256(up).digest()
+    assert gc.value == down
+    result = tunnel.value
+    assert (result.a_to_b, result.b_to_a, result.error) == (len(up), len(down), None)
+    for sock in (c, a, b, s):
+        sock.close()
+
+
+@pytest.mark.parametrize("mover", MOVERS)
+def test_first_bytes_are_sent_before_relaying(mover):
+    c, a, b, s = _pair()
+    tunnel = gevent.spawn(relay.pipe, a, b, 30, a_to_b_first=b"early", b_to_a_first=b"hello",
+                          use_splice=(mover == "splice"))
+    c.shutdown(socket.SHUT_WR)
+    s.shutdown(socket.SHUT_WR)
+    assert _read_all(s) == b"early" and _read_all(c) == b"hello"
+    assert tunnel.get(timeout=10).a_to_b == 5
+
+
+@pytest.mark.parametrize("mover", MOVERS)
+def test_idle_tunnel_is_closed(mover):
+    c, a, b, s = _pair()
+    result = relay.pipe(a, b, 0.3, use_splice=(mover == "splice"))
+    assert result.error == "idle timeout"
+    assert c.recv(10) == b"" and s.recv(10) == b""
+
+
+@pytest.mark.parametrize("mover", MOVERS)
+def test_busy_direction_keeps_a_quiet_one_alive(mover):
+    """Only shared idleness ends a tunnel: a long download with a silent uploader survives."""
+    c, a, b, s = _pair()
+    tunnel = gevent.spawn(relay.pipe, a, b, 0.3, use_splice=(mover == "splice"))
+    for _ in range(8):                       # 8 × 0.1 s of traffic one way only: 0.8 s > 0.3 s
+        s.sendall(b"x" * 1000)
+        gevent.sleep(0.1)
+    s.shutdown(socket.SHUT_WR)
+    c.shutdown(socket.SHUT_WR)
+    assert len(_read_all(c)) == 8000
+    assert tunnel.get(timeout=10).error is None
+
+
+@pytest.mark.parametrize("mover", MOVERS)
+def test_reset_on_one_side_ends_both(mover):
+    c, a, b, s = _pair()
+    tunnel = gevent.spawn(relay.pipe, a, b, 30, use_splice=(mover == "splice"))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()                                # RST toward the relay
+    result = tunnel.get(timeout=10)
+    assert c.recv(10) == b""
+    assert result.a_to_b == 0 and "ECONNRESET" in (result.error or "")
+
+
+def test_splice_is_chosen_for_plain_sockets_only():
+    c, a, b, s = _pair()
+    assert relay.can_splice(a, b) == relay.SPLICE_AVAILABLE
+    for sock in (c, a, b, s):
+        sock.close()
