@@ -69,6 +69,3 @@ _REASONS = {
     504: "Gateway Timeout", 505: "HTTP Version Not Supported", 508: "Loop Detected",
 }
 
-
-def reason_phrase(status: int) -> str:
-    return _REASONS.get(status, "Unknown")

@@ -66,6 +66,8 @@ def _dst_matches(rule: Rule, intent: Intent) -> bool:
         return True
     literal = _ip(intent.host)
     addresses = [literal] if literal is not None else [a for a in map(_ip, intent.addresses) if a]
+    # ::ffff:127.0.0.1 reaches 127.0.0.1 over a dual-stack socket: IPv4 rules must see it too.
+    addresses += [a.ipv4_mapped for a in addresses if a.version == 6 and a.ipv4_mapped]
     for entry in rule.dst:
         if isinstance(entry, str):
             if literal is None and domain_matches(entry, intent.host):

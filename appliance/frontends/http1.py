@@ -107,6 +107,7 @@ class Http1Session:
         except ClientError as exc:
             log.debug("client %s: %s", self.client_ip, exc)
         finally:
+            self.sock.close()
             self.ctx.observer.connection_closed(self.listener)
 
     def serve_one(self) -> bool:
@@ -134,6 +135,10 @@ class Http1Session:
             record.error = record.error or f"client: {exc}"
             self.ctx.observer.finish(record)
             raise
+        except Exception as exc:             # a bug: answer 500, log it, keep serving others
+            log.exception("internal error on %s %s", record.method, record.target)
+            self._finish_error(record, exc)
+            return False
         record.bytes_up = max(record.bytes_up, self.client.received - len(self.client.buffered) - before)
         self.ctx.observer.finish(record)
         return keep
@@ -318,6 +323,8 @@ class OriginExchange:
                 keep_client = False
         if not keep_client:
             headers += (("Connection", "close"),)
+        elif self.head.version < (1, 1):
+            headers += (("Connection", "keep-alive"),)    # HTTP/1.0 persistence is opt-in
         record.status = response.status
         record.content_type = header_value(response.headers, "content-type")
         pump = BodyPump(self.origin, self.s.sock, "client", self.s.limits.client_idle_timeout,

@@ -20,6 +20,10 @@ HOP_BY_HOP = frozenset({
     "proxy-authenticate", "proxy-authorization", "trailer",
 })
 
+# Connection may name only hop-by-hop fields; if it names these, the body would reach the next
+# hop unframed (request smuggling on a pooled origin connection), so they are never dropped.
+FRAMING_FIELDS = frozenset({"content-length"})
+
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?")
 
@@ -70,7 +74,7 @@ def parse_authority(authority: str, default_port: int | None = None) -> tuple[st
         if default_port is None:
             raise RemoteProtocolError(f"port missing in {authority!r}")
         port = default_port
-    elif port_text.isdigit() and 0 < int(port_text) < 65536:
+    elif port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536:
         port = int(port_text)
     else:
         raise RemoteProtocolError(f"invalid port in {authority!r}")
@@ -95,7 +99,7 @@ def parse_absolute_target(target: str) -> Target:
 
 def strip_hop_by_hop(headers: Headers, keep: frozenset[str] = frozenset()) -> Headers:
     """Drop hop-by-hop fields and every field the Connection header names (RFC 9110 §7.6.1)."""
-    drop = (HOP_BY_HOP | connection_tokens(headers)) - keep
+    drop = (HOP_BY_HOP | (connection_tokens(headers) - FRAMING_FIELDS)) - keep
     return tuple((k, v) for k, v in headers if k.lower() not in drop)
 
 

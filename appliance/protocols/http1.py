@@ -144,7 +144,10 @@ def parse_request_head(data: bytes) -> RequestHead:
 
 def parse_response_head(data: bytes) -> ResponseHead:
     """Parse a response head from an origin."""
-    lines = _head_lines(data)
+    try:
+        lines = _head_lines(data)
+    except RemoteProtocolError as exc:
+        raise RemoteProtocolError(f"origin response: {exc}", 502) from None
     m = _STATUS_LINE.fullmatch(lines[0])
     if m is None:
         raise RemoteProtocolError(f"invalid status line {lines[0][:80]!r}", 502)
@@ -163,10 +166,9 @@ def serialize_head(start_line: str, headers: Headers) -> bytes:
     """Encode a start line and fields; refuses CR/LF in anything (header injection)."""
     parts = [start_line]
     parts.extend(f"{name}: {value}" for name, value in headers)
-    text = "\r\n".join(parts)
-    if "\n" in text.replace("\r\n", "") or "\r" in text.replace("\r\n", ""):
+    if any("\r" in part or "\n" in part for part in parts):
         raise LocalProtocolError("CR or LF inside a start line or header")
-    return text.encode("latin-1") + b"\r\n\r\n"
+    return "\r\n".join(parts).encode("latin-1") + b"\r\n\r\n"
 
 
 def request_line(method: str, target: str, version: tuple[int, int] = (1, 1)) -> str:
@@ -213,9 +215,12 @@ def wants_keep_alive(version: tuple[int, int], headers: Headers) -> bool:
 # --- framing --------------------------------------------------------------------------------
 
 def _content_length(headers: Headers) -> int | None:
-    values = header_values(headers, "content-length")
-    if not values:
+    raw = [value for key, value in headers if key.lower() == "content-length"]
+    if not raw:
         return None
+    # Split by hand, not with header_values: that drops empty list elements, and an empty
+    # or "5," Content-Length must be refused, not read as absent (RFC 9112 §6.3 item 5).
+    values = [v.strip() for value in raw for v in value.split(",")]
     if any(not _DIGITS.fullmatch(v) for v in values):
         raise RemoteProtocolError("invalid Content-Length")
     if len({int(v) for v in values}) != 1:

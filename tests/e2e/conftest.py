@@ -239,18 +239,22 @@ def curl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           timeout=timeout, env=child_env(), stdin=subprocess.DEVNULL)
 
 
+def read_to_eof(sock: socket.socket, max_reads: int = 1000) -> bytes:
+    """Everything the peer sends until it closes (bounded by `max_reads` reads and the socket timeout)."""
+    chunks = []
+    for _ in range(max_reads):
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def raw_exchange(port: int, data: bytes, timeout: float = 10.0, host: str = "127.0.0.1") -> bytes:
     """Send raw bytes to the proxy and read until it closes (or the timeout)."""
     with socket.create_connection((host, port), timeout=timeout) as s:
         s.sendall(data)
-        chunks = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except socket.timeout:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return read_to_eof(s)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from .conftest import curl, raw_exchange
+from .conftest import curl, raw_exchange, read_to_eof
 
 BAD_REQUESTS = {
     "invalid request line": b"GET http://{o}/seen?bad=line\r\nHost: x\r\n\r\n",
@@ -68,11 +68,7 @@ def test_bad_chunk_mid_body_never_completes_at_the_origin(appliance, origin):
         time.sleep(0.3)                       # the proxy has forwarded the head and first chunk
         s.sendall(b"5\r\nworld\r\nnot-hex\r\n")
         reply = b""
-        for _ in range(100):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
+        reply += read_to_eof(s)
     assert reply.startswith(b"HTTP/1.1 400 ")
     time.sleep(0.3)
     assert not any("midchunk" in s for s in _seen(origin))
@@ -97,11 +93,7 @@ def test_idle_keep_alive_connection_is_closed(make_appliance, origin):
         first = s.recv(65536)
         assert first.startswith(b"HTTP/1.1 200 ")
         rest = b""
-        for _ in range(100):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
+        rest += read_to_eof(s)
     assert b"HTTP/1.1" not in rest
 
 

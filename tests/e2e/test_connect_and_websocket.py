@@ -14,7 +14,7 @@ import wsproto.events as ws_events
 from python_socks.async_.asyncio import Proxy as AsyncProxy
 from python_socks.sync import Proxy
 
-from .conftest import curl, free_port
+from .conftest import curl, free_port, read_to_eof
 
 
 def test_curl_proxytunnel(appliance, origin):
@@ -66,11 +66,7 @@ def test_connect_half_close_client_first(appliance):
     sock.sendall(b"hello tunnel")
     sock.shutdown(socket.SHUT_WR)                 # our FIN must reach the origin as a FIN
     reply = b""
-    for _ in range(100):
-        data = sock.recv(65536)
-        if not data:
-            break
-        reply += data
+    reply += read_to_eof(sock)
     sock.close()
     origin.thread.join(10)
     assert reply == b"got:hello tunnel"
@@ -93,11 +89,7 @@ def _raw_tunnel(proxy_port: int, authority: str) -> tuple[socket.socket, bytes]:
 def test_connect_half_close_server_first(appliance):
     origin = _HalfCloseOrigin("server-first")
     sock, banner = _raw_tunnel(appliance.http_port, f"127.0.0.1:{origin.port}")
-    for _ in range(100):
-        data = sock.recv(65536)
-        if not data:
-            break
-        banner += data
+    banner += read_to_eof(sock)
     sock.sendall(b"after your FIN")               # the other direction still flows
     sock.shutdown(socket.SHUT_WR)
     origin.thread.join(10)
@@ -123,11 +115,7 @@ def _raw_connect(port: int, authority: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
         data = b""
-        for _ in range(100):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data += read_to_eof(s)
         return data
 
 
