@@ -101,7 +101,7 @@ def test_shipped_examples_in_comments_are_valid(tmp_path):
 # -- purity ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["config", "toml_lines"])
+@pytest.mark.parametrize("module", ["config", "config_values", "toml_lines"])
 def test_no_sockets_or_gevent_imported_directly(module):
     tree = ast.parse((REPO / "appliance" / f"{module}.py").read_text())
     imported = set()

@@ -52,11 +52,10 @@ class BodyPump:
     """Moves one message body from a reader to a socket, re-framing it for the receiving side."""
 
     def __init__(self, src: SocketReader, dst: socket.socket, dst_side: str, timeout: float,
-                 chunked_out: bool, trailers_out: bool = True, dst_name: str = "") -> None:
+                 chunked_out: bool, dst_name: str = "") -> None:
         self.src, self.dst, self.dst_side = src, dst, dst_side
         self.timeout, self.dst_name = timeout, dst_name
         self.chunked_out = chunked_out
-        self.trailers_out = trailers_out
         self.sent = 0
 
     def _send(self, data: bytes) -> None:
@@ -77,7 +76,7 @@ class BodyPump:
                 pending = b""
         self.src.unread(decoder.leftover)
         if self.chunked_out:
-            pending += last_chunk(decoder.trailers if self.trailers_out else ())
+            pending += last_chunk(decoder.trailers)
         if pending:
             self._send(pending)
         return decoder.trailers
