@@ -113,6 +113,16 @@ class Metrics:
                                   ["listener"], registry=r)
         Info("appliance_build", "Build information", registry=r).info({"version": __version__})
 
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, cached: label lookup costs more than the update itself."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -125,16 +135,18 @@ class Observer:
         self.metrics = metrics or Metrics()
 
     def connection_opened(self, listener: str) -> None:
-        self.metrics.connections.labels(listener).inc()
-        self.metrics.active.labels(listener).inc()
+        m = self.metrics
+        m.child(m.connections, listener).inc()
+        m.child(m.active, listener).inc()
 
     def connection_closed(self, listener: str) -> None:
-        self.metrics.active.labels(listener).dec()
+        m = self.metrics
+        m.child(m.active, listener).dec()
 
     def finish(self, record: AccessRecord) -> None:
         m = self.metrics
-        m.requests.labels(record.listener, str(record.status)).inc()
-        m.bytes.labels(record.listener, "up").inc(record.bytes_up)
-        m.bytes.labels(record.listener, "down").inc(record.bytes_down)
-        m.duration.labels(record.listener).observe(record.duration_s)
+        m.child(m.requests, record.listener, str(record.status)).inc()
+        m.child(m.bytes, record.listener, "up").inc(record.bytes_up)
+        m.child(m.bytes, record.listener, "down").inc(record.bytes_down)
+        m.child(m.duration, record.listener).observe(record.duration_s)
         self.access_log.write(record)
