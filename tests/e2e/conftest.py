@@ -23,11 +23,21 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports (held open together, so the kernel cannot repeat one)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    held = [socket.socket(family) for _ in range(count)]
+    try:
+        for s in held:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]
 
 
 def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
@@ -102,8 +112,7 @@ class Appliance:
                  http: list[str] | None = None, log: str = "") -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.http_port = free_port()
-        self.admin_port = free_port()
+        self.http_port, self.admin_port = free_ports(2)
         self.access_log = self.dir / "access.log"
         listen = http or [f"127.0.0.1:{self.http_port}"]
         self.config_path = self.dir / "appliance.toml"
