@@ -65,6 +65,9 @@ class ApplianceServer:
 
     def start(self) -> None:
         listen = self.config.listen
+        if self.config.appliance.workers > 1:
+            log.warning("appliance.workers = %d: this version serves from one process",
+                        self.config.appliance.workers)
         for kind in PLANNED:
             if getattr(listen, kind):
                 log.warning("listen.%s is configured but not available in this version; not started", kind)

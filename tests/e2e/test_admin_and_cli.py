@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -124,3 +126,25 @@ def test_sigterm_drains_requests_in_flight(make_appliance, origin):
     t.join(10)
     assert result["r"].stdout == b"200"
     assert "stopping" in app.proc.output()
+
+
+def test_sighup_reloads_rules_and_keeps_the_old_config_when_the_new_one_is_bad(make_appliance, origin):
+    app = make_appliance(rules='[[rule]]\nname = "nobody"\naction = "deny"\n')
+    code = lambda: curl("-x", app.proxy, "-o", "/dev/null", "-w", "%{http_code}", f"{origin}/echo").stdout
+    assert code() == b"403"
+    text = app.config_path.read_text()
+    app.config_path.write_text(text.replace('action = "deny"', 'action = "allow"'))
+    os.kill(app.proc.pid, signal.SIGHUP)
+    for _ in range(100):                      # the reload happens on the appliance's own time
+        if code() == b"200":
+            break
+        time.sleep(0.05)
+    assert code() == b"200"
+    app.config_path.write_text(text.replace('action = "deny"', 'action = "maybe"'))
+    os.kill(app.proc.pid, signal.SIGHUP)
+    for _ in range(100):
+        if "reload refused" in app.proc.output():
+            break
+        time.sleep(0.05)
+    assert "rule[0].action" in app.proc.output()
+    assert code() == b"200"                   # still the last good config
