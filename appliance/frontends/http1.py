@@ -14,25 +14,23 @@ its bytes can no longer be trusted to be at a message boundary.
 from __future__ import annotations
 
 import logging
-import struct
-from gevent import socket
 
-import gevent
+from gevent import socket
 
 from .. import relay
 from ..context import ProxyContext
 from ..errors import ClientError, PolicyDenied, UpstreamError, http_reply
 from ..observe import AccessRecord
+from ..origin_request import OriginRequest
 from ..policy import Intent, decide, needs_addresses
 from ..protocols import forwarding as fwd
 from ..protocols.http1 import (
-    NO_BODY, Headers, LocalProtocolError, RemoteProtocolError, RequestHead, ResponseHead,
-    body_decoder, chunk_header, header_value, last_chunk, parse_request_head,
-    parse_response_head, request_framing, request_line, response_framing, serialize_head,
-    status_line, wants_keep_alive,
+    ChunkedDecoder, CloseDecoder, Headers, LocalProtocolError, RemoteProtocolError, RequestHead,
+    ResponseHead, body_decoder, chunk_header, header_value, last_chunk, parse_request_head,
+    request_framing, request_line, serialize_head, status_line, wants_keep_alive,
 )
 from ..reader import SocketReader, send
-from ..upstream import OriginConnection, connect
+from ..upstream import connect
 
 log = logging.getLogger("appliance.http1")
 
@@ -225,96 +223,46 @@ class Http1Session:
 
 
 class OriginExchange:
-    """One request forwarded to an origin and its response streamed back."""
+    """One client request forwarded to an origin and its response streamed back to the client."""
 
     def __init__(self, session: Http1Session, head: RequestHead, record: AccessRecord,
                  target: fwd.Target, upstream_head: bytes, framing) -> None:
         self.s = session
         self.head = head
         self.record = record
-        self.target = target
-        self.upstream_head = upstream_head
         self.framing = framing
-        self.timeout = session.config.upstream.response_timeout
-        self.upload: gevent.Greenlet | None = None
+        self.request = OriginRequest(session.ctx, target, upstream_head, head.method, framing)
 
     def run(self, websocket: bool) -> bool:
+        self.request.fresh = websocket
         try:
-            conn, response = self._send_request(fresh=websocket)
-            if websocket and response.status == 101:
-                return self._switch(conn, response)
-            return self._respond(conn, response, reusable=not websocket)
-        except UpstreamError:
-            # The upload failing (client stalled, origin refused the body) is the real cause.
-            if self.upload is not None and self.upload.dead and self.upload.value is not None:
-                raise self.upload.value from None
-            raise
+            response = self.request.send(self._upload, self._informational)
+        finally:
+            self.record.upstream = self.request.upstream_address
+        if websocket and response.status == 101:
+            return self._switch(response)
+        return self._respond(response)
 
-    # request side
+    def _upload(self, origin_sock: socket.socket) -> None:
+        BodyPump(self.s.client, origin_sock, "origin", self.request.timeout,
+                 chunked_out=self.framing.kind == "chunked",
+                 dst_name=self.request.target.hostport).run(body_decoder(self.framing))
 
-    def _send_request(self, fresh: bool) -> tuple[OriginConnection, ResponseHead]:
-        pool = self.s.ctx.pool
-        for attempt in (1, 2):
-            conn = OriginConnection(self.s._connect(self.target.host, self.target.port),
-                                    (self.target.host, self.target.port)) if fresh else \
-                pool.get(self.target.host, self.target.port)
-            self.origin = SocketReader(conn.sock, "origin", self.timeout, self.target.hostport)
-            self.record.upstream = conn.sock.getpeername()[0]
-            try:
-                self.origin.sendall(self.upstream_head)
-                if self.framing is not NO_BODY:
-                    self.upload = gevent.spawn(self._upload, conn)
-                return conn, self._read_final_head(conn)
-            except UpstreamError as exc:
-                conn.close()
-                # A pooled connection the origin closed meanwhile: retry once, if nothing of the
-                # request body has been consumed (it cannot be replayed).
-                if not (conn.reused and attempt == 1 and self.framing is NO_BODY and exc.kind == "closed"):
-                    raise
-        raise AssertionError("unreachable")
-
-    def _upload(self, conn: OriginConnection) -> Exception | None:
-        """Runs in its own greenlet beside the response reader; returns what stopped it, if anything."""
-        pump = BodyPump(self.s.client, conn.sock, "origin", self.timeout,
-                        chunked_out=self.framing.kind == "chunked", dst_name=self.target.hostport)
-        try:
-            pump.run(body_decoder(self.framing))
-            return None
-        except (ClientError, UpstreamError, RemoteProtocolError) as exc:
-            # The request body broke off: reset the origin connection (linger 0 sends RST on
-            # close) so the origin never takes a truncated body for a complete request, and
-            # wake the response reader, since this exchange is over.
-            try:
-                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return exc
-
-    def _read_final_head(self, conn: OriginConnection) -> ResponseHead:
-        while True:
-            raw = self.origin.read_head(self.s.limits.max_header_bytes)
-            if raw is None:
-                raise UpstreamError("closed", self.target.hostport, "origin closed without a response")
-            response = parse_response_head(raw)
-            if response.status >= 200 or response.status == 101:
-                return response
-            if self.head.version >= (1, 1):   # 100 Continue and friends go to 1.1 clients
-                self.s.client.sendall(raw)
-
-    # response side
+    def _informational(self, raw: bytes, response: ResponseHead) -> None:
+        if self.head.version >= (1, 1):          # 100 Continue and friends go to 1.1 clients
+            self.s.client.sendall(raw)
 
     def _client_head(self, response: ResponseHead, headers: Headers) -> bytes:
         return serialize_head(status_line(response.status, response.reason, (1, 1)),
                               fwd.add_via(headers, response.version, self.s.pseudonym))
 
-    def _respond(self, conn: OriginConnection, response: ResponseHead, reusable: bool) -> bool:
+    def _respond(self, response: ResponseHead) -> bool:
         record = self.record
-        framing = response_framing(self.head.method, response)
+        decoder = self.request.response_decoder(response)
         keep_client = wants_keep_alive(self.head.version, self.head.headers)
         headers = fwd.strip_hop_by_hop(response.headers)
         chunked_out = False
-        if framing.kind in ("chunked", "close"):
+        if isinstance(decoder, (ChunkedDecoder, CloseDecoder)):
             if self.head.version >= (1, 1):
                 chunked_out = True
                 headers += (("Transfer-Encoding", "chunked"),)
@@ -326,34 +274,18 @@ class OriginExchange:
             headers += (("Connection", "keep-alive"),)    # HTTP/1.0 persistence is opt-in
         record.status = response.status
         record.content_type = header_value(response.headers, "content-type")
-        pump = BodyPump(self.origin, self.s.sock, "client", self.s.limits.client_idle_timeout,
+        pump = BodyPump(self.request.reader, self.s.sock, "client", self.s.limits.client_idle_timeout,
                         chunked_out=chunked_out)
         try:
-            pump.run(body_decoder(framing), prefix=self._client_head(response, headers))
+            pump.run(decoder, prefix=self._client_head(response, headers))
+        except BaseException:
+            self.request.close()
+            raise
         finally:
             record.bytes_down += pump.sent
-        upload_ok = self._finish_upload()
-        conn.buffered = self.origin.buffered     # bytes past the response: the pool refuses it
-        if reusable and upload_ok and framing.kind != "close" and \
-                wants_keep_alive(response.version, response.headers):
-            self.s.ctx.pool.put(conn)
-        else:
-            conn.close()
-        return keep_client and upload_ok
+        return self.request.finish(response) and keep_client
 
-    def _finish_upload(self) -> bool:
-        """Wait for the request body to finish; an early response ends it (and the connection)."""
-        if self.upload is None:
-            return True
-        self.upload.join(timeout=0 if not self.upload.dead and self.record.status >= 400 else None)
-        if not self.upload.dead:
-            self.upload.kill()
-            return False
-        if self.upload.value is not None:
-            raise self.upload.value
-        return True
-
-    def _switch(self, conn: OriginConnection, response: ResponseHead) -> bool:
+    def _switch(self, response: ResponseHead) -> bool:
         """After 101 Switching Protocols the two connections are one byte tunnel (RFC 9110 §15.2.2)."""
         record = self.record
         headers = fwd.strip_hop_by_hop(response.headers, keep=frozenset({"upgrade"}))
@@ -362,10 +294,11 @@ class OriginExchange:
         self.s.client.sendall(head)
         record.status = 101
         record.bytes_up = self.s.client.received - len(self.s.client.buffered)
-        result = relay.pipe(self.s.sock, conn.sock, self.s.limits.tunnel_idle_timeout,
+        origin_sock = self.request.conn.sock
+        result = relay.pipe(self.s.sock, origin_sock, self.s.limits.tunnel_idle_timeout,
                             a_to_b_first=self.s._take_buffered(),
-                            b_to_a_first=self.origin.buffered)
-        conn.close()
+                            b_to_a_first=self.request.reader.buffered)
+        self.request.close()
         record.bytes_up += result.a_to_b
         record.bytes_down += len(head) + result.b_to_a
         record.error = result.error

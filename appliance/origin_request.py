@@ -1,0 +1,153 @@
+"""One request sent to an origin over HTTP/1.1, whatever protocol the client spoke.
+
+The HTTP/1.1 and HTTP/2 frontends both forward through this: it takes a connection from the
+origin pool (or a fresh one for an Upgrade), writes the request head, runs the frontend's body
+upload in a greenlet beside the response reader (so `Expect: 100-continue` and early answers
+work), reads the final response head, and afterwards returns the connection to the pool only if
+both messages ended cleanly at a boundary.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Callable
+
+import gevent
+from gevent import socket
+
+from .context import ProxyContext
+from .errors import ClientError, UpstreamError
+from .protocols.forwarding import Target
+from .protocols.http1 import (
+    NO_BODY, BodyDecoder, Framing, RemoteProtocolError, ResponseHead, body_decoder,
+    parse_response_head, response_framing, wants_keep_alive,
+)
+from .reader import SocketReader
+from .upstream import OriginConnection, connect
+
+Upload = Callable[[socket.socket], None]
+_BODY_FAILURES = (ClientError, UpstreamError, RemoteProtocolError)
+
+
+class OriginRequest:
+    def __init__(self, ctx: ProxyContext, target: Target, head: bytes, method: str,
+                 framing: Framing, fresh: bool = False) -> None:
+        self.ctx = ctx
+        self.target = target
+        self.head = head
+        self.method = method
+        self.framing = framing
+        self.fresh = fresh
+        self.timeout = ctx.config.upstream.response_timeout
+        self.max_header_bytes = ctx.config.limits.max_header_bytes
+        self.conn: OriginConnection | None = None
+        self.reader: SocketReader | None = None
+        self.upstream_address: str | None = None
+        self._upload: gevent.Greenlet | None = None
+
+    # --- request ----------------------------------------------------------------------------
+
+    def _open(self) -> OriginConnection:
+        host, port = self.target.host, self.target.port
+        if self.fresh:
+            sock = connect(self.ctx.resolver, host, port, self.ctx.config.upstream.connect_timeout)
+            return OriginConnection(sock, (host, port))
+        return self.ctx.pool.get(host, port)
+
+    def send(self, upload: Upload | None = None,
+             informational: Callable[[bytes, ResponseHead], None] | None = None) -> ResponseHead:
+        """Write the request, start the body upload, and return the final response head."""
+        try:
+            return self._send(upload, informational)
+        except UpstreamError:
+            failure = self.upload_failure()
+            if failure is not None:      # the body breaking off is the real cause
+                raise failure from None
+            raise
+
+    def _send(self, upload, informational) -> ResponseHead:
+        for attempt in (1, 2):
+            self.conn = conn = self._open()
+            self.reader = SocketReader(conn.sock, "origin", self.timeout, self.target.hostport)
+            self.upstream_address = conn.sock.getpeername()[0]
+            try:
+                self.reader.sendall(self.head)
+                if upload is not None and self.framing is not NO_BODY:
+                    self._upload = gevent.spawn(self._run_upload, upload, conn)
+                return self._final_head(informational)
+            except UpstreamError as exc:
+                conn.close()
+                # A pooled connection the origin closed meanwhile: retry once, when no body
+                # has been consumed (a streamed body cannot be replayed).
+                if not (conn.reused and attempt == 1 and self.framing is NO_BODY and exc.kind == "closed"):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _run_upload(self, upload: Upload, conn: OriginConnection) -> Exception | None:
+        """Runs beside the response reader; returns what stopped it, if anything."""
+        try:
+            upload(conn.sock)
+            return None
+        except _BODY_FAILURES as exc:
+            # The body broke off: reset the origin connection (linger 0 makes close send RST)
+            # so the origin never takes a truncated body for a complete request, and wake the
+            # response reader, since this exchange is over.
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return exc
+
+    def _final_head(self, informational) -> ResponseHead:
+        while True:
+            raw = self.reader.read_head(self.max_header_bytes)
+            if raw is None:
+                raise UpstreamError("closed", self.target.hostport, "origin closed without a response")
+            response = parse_response_head(raw)
+            if response.status >= 200 or response.status == 101:
+                return response
+            if informational is not None:
+                informational(raw, response)
+
+    def upload_failure(self) -> Exception | None:
+        if self._upload is not None and self._upload.dead:
+            return self._upload.value
+        return None
+
+    # --- response ---------------------------------------------------------------------------
+
+    def response_decoder(self, response: ResponseHead) -> BodyDecoder:
+        return body_decoder(response_framing(self.method, response))
+
+    def finish(self, response: ResponseHead, reusable: bool = True) -> bool:
+        """After the response body: settle the upload, pool or close. True if the upload ended well.
+
+        An error response may come before the body was consumed; then the upload is stopped and
+        the connection closed, since it is no longer at a message boundary.
+        """
+        upload_ok = True
+        if self._upload is not None:
+            early = not self._upload.dead and response.status >= 400
+            self._upload.join(timeout=0 if early else None)
+            if not self._upload.dead:
+                self._upload.kill()
+                upload_ok = False
+            elif self._upload.value is not None:
+                self.close()
+                raise self._upload.value
+        conn = self.conn
+        conn.buffered = self.reader.buffered       # bytes past the response: the pool refuses it
+        if reusable and upload_ok and not self.fresh and \
+                response_framing(self.method, response).kind != "close" and \
+                wants_keep_alive(response.version, response.headers):
+            self.ctx.pool.put(conn)
+        else:
+            conn.close()
+        return upload_ok
+
+    def close(self) -> None:
+        if self._upload is not None and not self._upload.dead:
+            self._upload.kill()
+        if self.conn is not None:
+            self.conn.close()
