@@ -40,6 +40,8 @@ def cmd_run(args) -> int:
     level = getattr(logging, config.log.level.upper())
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("hpack", "h2"):          # per-frame debug lines would drown ours
+        logging.getLogger(chatty).setLevel(max(level, logging.INFO))
     from .server import ApplianceServer
     try:
         os.makedirs(config.appliance.state_dir, exist_ok=True)
@@ -48,6 +50,23 @@ def cmd_run(args) -> int:
     except OSError as exc:
         logging.getLogger("appliance").error("cannot start: %s", exc)
         return 1
+    return 0
+
+
+def cmd_ca_export(args) -> int:
+    """Print the appliance CA certificate (PEM), creating the CA if this is its first use."""
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from datetime import datetime, timezone
+
+    from certs.authority import CAError, CertificateAuthority
+    try:
+        ca = CertificateAuthority.load_or_create(config.appliance.state_dir, datetime.now(timezone.utc))
+    except (CAError, OSError) as exc:
+        print(f"appliance: CA: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(ca.cert_pem().decode())
     return 0
 
 
@@ -65,9 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.set_defaults(func=func)
         if name != "version":
-            p.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                           help=f"config file (default: {DEFAULT_CONFIG})")
+            _config_option(p)
+    ca = sub.add_parser("ca", help="the appliance CA").add_subparsers(dest="ca_command", required=True)
+    export = ca.add_parser("export", help="print the CA certificate (PEM) for clients to trust")
+    export.set_defaults(func=cmd_ca_export)
+    _config_option(export)
     return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                        help=f"config file (default: {DEFAULT_CONFIG})")
 
 
 def main(argv: list[str] | None = None) -> int:

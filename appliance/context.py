@@ -6,11 +6,13 @@ connections in flight on the one they started with.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from .config import Config
 from .observe import Observer
-from .upstream import OriginPool, Resolver
+from .upstream import OriginPool, Resolver, origin_tls_context
 
 
 @dataclass
@@ -19,6 +21,13 @@ class ProxyContext:
     resolver: Resolver
     pool: OriginPool
     observer: Observer
+    # HTTP/2 connections in flight, told to GOAWAY when the appliance drains
+    h2_sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+
+    @cached_property
+    def origin_tls(self):
+        """Client TLS context toward origins (wss:// behind extended CONNECT, later more)."""
+        return origin_tls_context(self.config.upstream.ca_file)
 
     @classmethod
     def from_config(cls, config: Config, observer: Observer) -> "ProxyContext":

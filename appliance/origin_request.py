@@ -23,7 +23,7 @@ from .protocols.http1 import (
     parse_response_head, response_framing, wants_keep_alive,
 )
 from .reader import SocketReader
-from .upstream import OriginConnection, connect
+from .upstream import OriginConnection, connect, wrap_tls
 
 Upload = Callable[[socket.socket], None]
 _BODY_FAILURES = (ClientError, UpstreamError, RemoteProtocolError)
@@ -31,13 +31,14 @@ _BODY_FAILURES = (ClientError, UpstreamError, RemoteProtocolError)
 
 class OriginRequest:
     def __init__(self, ctx: ProxyContext, target: Target, head: bytes, method: str,
-                 framing: Framing, fresh: bool = False) -> None:
+                 framing: Framing, fresh: bool = False, tls: bool = False) -> None:
         self.ctx = ctx
         self.target = target
         self.head = head
         self.method = method
         self.framing = framing
-        self.fresh = fresh
+        self.fresh = fresh or tls          # TLS connections are not pooled
+        self.tls = tls
         self.timeout = ctx.config.upstream.response_timeout
         self.max_header_bytes = ctx.config.limits.max_header_bytes
         self.conn: OriginConnection | None = None
@@ -50,7 +51,10 @@ class OriginRequest:
     def _open(self) -> OriginConnection:
         host, port = self.target.host, self.target.port
         if self.fresh:
-            sock = connect(self.ctx.resolver, host, port, self.ctx.config.upstream.connect_timeout)
+            timeout = self.ctx.config.upstream.connect_timeout
+            sock = connect(self.ctx.resolver, host, port, timeout)
+            if self.tls:
+                sock = wrap_tls(sock, self.ctx.origin_tls, host, timeout)
             return OriginConnection(sock, (host, port))
         return self.ctx.pool.get(host, port)
 

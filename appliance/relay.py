@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import errno
 import os
-from gevent import socket
 import time
 from dataclasses import dataclass
 
 import gevent
+from gevent import socket
 from gevent.socket import wait_read, wait_write
 
 BUFFER_SIZE = 256 * 1024
@@ -65,8 +65,36 @@ def _wait(waiter, fd: int, activity: _Activity) -> None:
             continue
 
 
-def _splice_direction(src: socket.socket, dst: socket.socket, activity: _Activity) -> int:
-    total = 0
+class _Flow:
+    """Bytes moved in one direction so far: counted as they go, so a failure loses no count."""
+
+    moved = 0
+
+
+class _Failures(list):
+    """Failures in the order they happened: the first is the cause, the rest its echo (gevent
+    answers a shutdown from another greenlet with 'closed in another greenlet')."""
+
+    def run(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except (_Idle, OSError, StreamGone) as exc:
+            self.append(exc)
+
+    def describe(self) -> str | None:
+        if not self:
+            return None
+        exc = self[0]
+        if isinstance(exc, _Idle):
+            return "idle timeout"
+        if isinstance(exc, StreamGone):
+            return "stream reset"
+        if isinstance(exc, OSError) and exc.errno:
+            return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
+        return type(exc).__name__
+
+
+def _splice_direction(src: socket.socket, dst: socket.socket, activity: _Activity, flow: _Flow) -> None:
     pipe_r, pipe_w = os.pipe()
     try:
         src_fd, dst_fd = src.fileno(), dst.fileno()
@@ -77,7 +105,7 @@ def _splice_direction(src: socket.socket, dst: socket.socket, activity: _Activit
                 _wait(wait_read, src_fd, activity)
                 continue
             if n == 0:
-                return total
+                return
             activity.touch()
             left = n
             while left:
@@ -85,15 +113,15 @@ def _splice_direction(src: socket.socket, dst: socket.socket, activity: _Activit
                     left -= os.splice(pipe_r, dst_fd, left, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     _wait(wait_write, dst_fd, activity)
-            total += n
+            flow.moved += n
     finally:
         os.close(pipe_r)
         os.close(pipe_w)
 
 
-def _copy_direction(src: socket.socket, dst: socket.socket, activity: _Activity) -> int:
-    total = 0
-    _wait(wait_read, src.fileno(), activity)
+def _copy_direction(src: socket.socket, dst: socket.socket, activity: _Activity, flow: _Flow) -> None:
+    if not getattr(src, "pending", lambda: 0)():   # TLS may hold decrypted bytes already
+        _wait(wait_read, src.fileno(), activity)
     buf = bytearray(BUFFER_SIZE)          # taken only once this direction carries data
     view = memoryview(buf)
     while True:
@@ -103,11 +131,11 @@ def _copy_direction(src: socket.socket, dst: socket.socket, activity: _Activity)
         if n is None:                     # woke up to re-check idleness of both directions
             continue
         if n == 0:
-            return total
+            return
         activity.touch()
         with gevent.Timeout(activity.idle_timeout, _Idle):
             dst.sendall(view[:n])
-        total += n
+        flow.moved += n
 
 
 def can_splice(a: socket.socket, b: socket.socket) -> bool:
@@ -115,27 +143,32 @@ def can_splice(a: socket.socket, b: socket.socket) -> bool:
     return SPLICE_AVAILABLE and type(a).__name__ == "socket" and type(b).__name__ == "socket"
 
 
-def _direction(src, dst, activity: _Activity, use_splice: bool, first: bytes) -> int:
-    total = 0
+def _direction(src, dst, activity: _Activity, use_splice: bool, first: bytes, flow: _Flow) -> None:
     if first:
         dst.sendall(first)
         activity.touch()
-        total = len(first)
-    mover = _splice_direction if use_splice else _copy_direction
-    total += mover(src, dst, activity)
+        flow.moved += len(first)
+    (_splice_direction if use_splice else _copy_direction)(src, dst, activity, flow)
     try:
         dst.shutdown(socket.SHUT_WR)
     except OSError:
         pass
-    return total
 
 
-def _shutdown_both(a, b) -> None:
-    for s in (a, b):
+def _shutdown(*socks) -> None:
+    for s in socks:
         try:
             s.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _abort_on_failure(failures: _Failures, *socks):
+    """A link callback: once a direction failed, shut both sockets so the other wakes up."""
+    def callback(_greenlet) -> None:
+        if failures:
+            _shutdown(*socks)
+    return callback
 
 
 def pipe(a: socket.socket, b: socket.socket, idle_timeout: float, *, a_to_b_first: bytes = b"",
@@ -146,27 +179,98 @@ def pipe(a: socket.socket, b: socket.socket, idle_timeout: float, *, a_to_b_firs
     a.settimeout(None)
     b.settimeout(None)
     activity = _Activity(idle_timeout)
-    upward = gevent.spawn(_direction, a, b, activity, use_splice, a_to_b_first)
-    error = None
-    down = 0
-    try:
-        down = _direction(b, a, activity, use_splice, b_to_a_first)
-    except _Idle:
-        error = "idle timeout"
-    except OSError as exc:
-        error = _describe(exc)
-    if error:
-        _shutdown_both(a, b)
+    up, down, failures = _Flow(), _Flow(), _Failures()
+    upward = gevent.spawn(failures.run, _direction, a, b, activity, use_splice, a_to_b_first, up)
+    upward.link(_abort_on_failure(failures, a, b))
+    failures.run(_direction, b, a, activity, use_splice, b_to_a_first, down)
+    if failures:
+        _shutdown(a, b)
     upward.join()
-    if not upward.successful():
-        exc = upward.exception
-        error = error or ("idle timeout" if isinstance(exc, _Idle) else _describe(exc))
-        _shutdown_both(a, b)
-    up = upward.value or 0
-    return RelayResult(a_to_b=up, b_to_a=down, error=error)
+    return RelayResult(a_to_b=up.moved, b_to_a=down.moved, error=failures.describe())
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno:
-        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
-    return type(exc).__name__
+# --- an HTTP/2 stream and a socket (CONNECT and extended CONNECT streams) ----------------------
+
+class StreamSide:
+    """What `stream_pipe` needs of an HTTP/2 stream; frontends/h2.py provides it.
+
+    read() returns the next DATA payload, b"" at END_STREAM, and raises `StreamGone` once the
+    stream was reset; ack(n) returns flow-control credit after the bytes were written on;
+    send(data) blocks while the peer's window is closed; end() sends END_STREAM; reset() RST.
+    """
+
+    def read(self) -> bytes: ...
+    def ack(self, n: int) -> None: ...
+    def send(self, data: bytes) -> None: ...
+    def end(self) -> None: ...
+    def reset(self) -> None: ...
+
+
+class StreamGone(Exception):
+    """The HTTP/2 stream was reset by the peer or ended with its connection."""
+
+
+def _stream_to_socket(stream: StreamSide, sock: socket.socket, activity: _Activity, flow: _Flow) -> None:
+    while True:
+        data = None
+        with gevent.Timeout(activity.remaining(), False):
+            data = stream.read()
+        if data is None:                     # woke up to re-check idleness
+            continue
+        if not data:
+            sock.shutdown(socket.SHUT_WR)    # END_STREAM ↔ FIN (RFC 9113 §8.5)
+            return
+        activity.touch()
+        with gevent.Timeout(activity.idle_timeout, _Idle):
+            sock.sendall(data)
+        stream.ack(len(data))                # credit only once written on: backpressure
+        flow.moved += len(data)
+
+
+def _socket_to_stream(sock: socket.socket, stream: StreamSide, activity: _Activity, first: bytes,
+                      flow: _Flow) -> None:
+    if first:
+        stream.send(first)
+        flow.moved += len(first)
+    while True:
+        data = None
+        with gevent.Timeout(activity.remaining(), False):
+            data = sock.recv(BUFFER_SIZE)
+        if data is None:
+            continue
+        if not data:
+            stream.end()
+            return
+        activity.touch()
+        with gevent.Timeout(activity.idle_timeout, _Idle):
+            stream.send(data)
+        flow.moved += len(data)
+
+
+def stream_pipe(stream: StreamSide, sock: socket.socket, idle_timeout: float,
+                first_down: bytes = b"") -> RelayResult:
+    """Relay an HTTP/2 stream and a socket until both directions end.
+
+    A reset stream resets the TCP connection (RST, via linger 0) and a failed socket resets the
+    stream, so neither side mistakes an abort for a clean end.
+    """
+    sock.settimeout(None)
+    activity = _Activity(idle_timeout)
+    up, down, failures = _Flow(), _Flow(), _Failures()
+    upward = gevent.spawn(failures.run, _stream_to_socket, stream, sock, activity, up)
+    upward.link(_abort_on_failure(failures, sock))
+    failures.run(_socket_to_stream, sock, stream, activity, first_down, down)
+    if failures:
+        upward.kill()
+    upward.join()
+    if failures:
+        if not isinstance(failures[0], StreamGone):
+            try:
+                stream.reset()
+            except StreamGone:
+                pass
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        except OSError:
+            pass
+    return RelayResult(a_to_b=up.moved, b_to_a=down.moved, error=failures.describe())

@@ -22,12 +22,13 @@ from .config import Address, Config, ConfigErrors, load
 from .context import ProxyContext
 from .frontends.admin import PROMETHEUS_TEXT, AdminSession, json_body
 from .frontends.http1 import Http1Session
+from .frontends.tls import TlsSession, listener_certificate, server_context
 from .observe import AccessLog, Observer
 
 log = logging.getLogger("appliance.server")
 
-IMPLEMENTED = ("http", "admin")
-PLANNED = ("https", "socks5", "pac", "dns", "transparent_http", "transparent_tls")
+IMPLEMENTED = ("http", "https", "admin")
+PLANNED = ("socks5", "pac", "dns", "transparent_http", "transparent_tls")
 DRAIN_SECONDS = 10.0
 
 
@@ -58,6 +59,9 @@ class ApplianceServer:
     def _handler(self, kind: str):
         if kind == "http":
             return lambda sock, addr: Http1Session(self.ctx, sock, addr, "http").run()
+        if kind == "https":
+            context = server_context(*listener_certificate(self.config))
+            return lambda sock, addr: TlsSession(self.ctx, context, sock, addr, "https").run()
         routes = {"/healthz": self._healthz, "/metrics": self._metrics, "/status": self._status}
         limits = self.config.limits
         return lambda sock, addr: AdminSession(sock, addr, routes, limits.client_idle_timeout,
@@ -72,8 +76,10 @@ class ApplianceServer:
             if getattr(listen, kind):
                 log.warning("listen.%s is configured but not available in this version; not started", kind)
         for kind in IMPLEMENTED:
-            for address in getattr(listen, kind):
-                server = StreamServer(listening_socket(address), self._handler(kind), spawn=self._pool)
+            addresses = getattr(listen, kind)
+            handler = self._handler(kind) if addresses else None
+            for address in addresses:
+                server = StreamServer(listening_socket(address), handler, spawn=self._pool)
                 server.start()
                 self.servers.append((kind, server))
                 log.info("%s listener on %s", kind, address)
@@ -86,6 +92,8 @@ class ApplianceServer:
     def stop(self, timeout: float = DRAIN_SECONDS) -> None:
         for _, server in self.servers:
             server.close()                   # stop accepting at once
+        for session in list(self.ctx.h2_sessions):
+            gevent.spawn(session.drain)      # GOAWAY: no new streams, finish those in flight
         for _, server in self.servers:
             server.stop(timeout=timeout)     # then give connections in flight time to finish
         self.ctx.pool.close()

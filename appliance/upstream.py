@@ -15,9 +15,11 @@ from gevent import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gevent
 from dnslib import QTYPE, RCODE, DNSRecord
+from gevent import ssl
 
 from .config import Address, UpstreamSection
 from .errors import UpstreamError
@@ -155,6 +157,32 @@ def connect(resolver: Resolver, host: str, port: int, timeout: float) -> socket.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
     raise last or UpstreamError("timeout", target, f"no address answered within {timeout:g}s")
+
+
+def origin_tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verifying client context for TLS to origins: the system store plus `[upstream] ca_file`."""
+    # gevent.ssl.create_default_context() hands back the stdlib's blocking context; build
+    # gevent's own, which verifies (CERT_REQUIRED, check_hostname) like the default one.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_default_certs()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def wrap_tls(sock: socket.socket, context: ssl.SSLContext, host: str, timeout: float) -> socket.socket:
+    """TLS handshake toward an origin, checking its certificate for `host`."""
+    sock.settimeout(timeout)
+    try:
+        return context.wrap_socket(sock, server_hostname=host)
+    except socket.timeout:
+        sock.close()
+        raise UpstreamError("timeout", host, "TLS handshake timed out") from None
+    except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+        sock.close()
+        raise UpstreamError("tls", host, getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+                            or str(exc)) from None
 
 
 @dataclass

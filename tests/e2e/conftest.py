@@ -112,19 +112,25 @@ class Appliance:
                  http: list[str] | None = None, log: str = "") -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.admin_port = free_ports(2)
+        self.http_port, self.https_port, self.admin_port = free_ports(3)
         self.access_log = self.dir / "access.log"
+        self.ca_path = self.dir / "var" / "ca" / "ca.pem"     # the appliance CA, made at first start
         listen = http or [f"127.0.0.1:{self.http_port}"]
         self.config_path = self.dir / "appliance.toml"
         self.config_path.write_text(
             f'[appliance]\nname = "proxy.test"\nstate_dir = "var"\n\n'
-            f"[listen]\nhttp = {json.dumps(listen)}\nadmin = \"127.0.0.1:{self.admin_port}\"\n\n"
+            f"[listen]\nhttp = {json.dumps(listen)}\nhttps = \"127.0.0.1:{self.https_port}\"\n"
+            f"admin = \"127.0.0.1:{self.admin_port}\"\n\n"
             f'[log]\naccess_log = "access.log"\nlevel = "debug"\n{log}\n\n{extra}\n{rules}\n')
         self.proc: Process | None = None
 
     @property
     def proxy(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def https_proxy(self) -> str:
+        return f"https://localhost:{self.https_port}"
 
     def start(self) -> "Appliance":
         self.proc = Process([sys.executable, "-m", "appliance", "run", "--config", str(self.config_path)],

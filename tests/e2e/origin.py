@@ -1,6 +1,6 @@
 """Test origin: a gevent.pywsgi WSGI server (a real HTTP/1.1 server) with endpoints the e2e tests use.
 
-Run as `python origin.py PORT [HOST]`. Endpoints:
+Run as `python origin.py PORT [HOST [CERT KEY]]` (with CERT and KEY it speaks TLS). Endpoints:
   /echo           JSON: method, path, query, headers, body length and sha256, the peer's port
   /bytes?n=N      N zero bytes, with Content-Length, or chunked when &chunked=1
   /slow?s=S       sleeps S seconds, then 200
@@ -89,4 +89,5 @@ def app(environ, start_response):
 if __name__ == "__main__":
     port = int(sys.argv[1])
     host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
-    WSGIServer((host, port), app, log=None).serve_forever()
+    tls = {"certfile": sys.argv[3], "keyfile": sys.argv[4]} if len(sys.argv) > 4 else {}
+    WSGIServer((host, port), app, log=None, **tls).serve_forever()

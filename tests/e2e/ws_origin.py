@@ -1,9 +1,10 @@
 """Test WebSocket origin: the `websockets` library's server, echoing every message back.
 
-Run as `python ws_origin.py PORT`. Works with websockets 10.4 (bookworm) and the newest release.
+Run as `python ws_origin.py PORT [CERT KEY]` (with CERT and KEY: wss://). Works with websockets 10.4 (bookworm) and the newest release.
 """
 
 import asyncio
+import ssl
 import sys
 
 import websockets
@@ -14,10 +15,14 @@ async def echo(websocket, *_path):
         await websocket.send(message)
 
 
-async def main(port):
-    async with websockets.serve(echo, "127.0.0.1", port, max_size=None):
+async def main(port, tls):
+    async with websockets.serve(echo, "127.0.0.1", port, max_size=None, ssl=tls):
         await asyncio.Future()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    context = None
+    if len(sys.argv) > 3:                    # CERT KEY: wss://
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(sys.argv[2], sys.argv[3])
+    asyncio.run(main(int(sys.argv[1]), context))

@@ -1,0 +1,564 @@
+"""The HTTP/2 proxy frontend (RFC 9113, RFC 8441): one greenlet per stream, one writer per connection.
+
+Data path: the `https` listener's TLS session picks this for ALPN `h2`. The connection greenlet
+reads frames into h2 and dispatches events; each request stream runs in its own greenlet as
+  - a plain request (`:scheme http`): forwarded over HTTP/1.1 through `OriginRequest`;
+  - `CONNECT host:port` (§8.5): a tunnel, DATA ↔ bytes, END_STREAM ↔ FIN, RST_STREAM ↔ reset;
+  - extended CONNECT with `:protocol websocket` (RFC 8441): an HTTP/1.1 Upgrade toward the
+    origin, then the WebSocket frames relayed unchanged.
+Flow control is backpressure: DATA is acknowledged only once written on, and a stream sends
+only within the peer's window. Only the writer greenlet writes to the socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import time
+
+import gevent
+import h2.config
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from gevent import socket
+from gevent.event import Event
+from gevent.queue import Queue
+
+from .. import relay
+from ..compat import GoawayTolerantH2Connection
+from ..context import ProxyContext
+from ..errors import ClientError, PolicyDenied, UpstreamError, http_reply
+from ..observe import AccessRecord
+from ..origin_request import OriginRequest
+from ..policy import Intent, decide, needs_addresses
+from ..protocols import h2_mapping as h2map
+from ..protocols.http1 import (
+    CHUNKED, NO_BODY, Framing, LocalProtocolError, RemoteProtocolError, chunk_header, last_chunk,
+    request_line, serialize_head,
+)
+from ..reader import send
+from ..upstream import connect
+
+log = logging.getLogger("appliance.h2")
+
+INITIAL_WINDOW = 256 * 1024          # per stream; what one stream may have in flight toward us
+CONNECTION_WINDOW = 4 * 1024 * 1024  # shared by all streams of a connection
+MAX_STREAMS = 100
+WRITE_HIGH_WATER = 1024 * 1024       # outbound bytes queued before senders wait for the writer
+# Abuse limits per connection and per 10 s window (rapid reset CVE-2023-44487, floods).
+FLOOD_WINDOW = 10.0
+MAX_RESETS = 200
+MAX_PINGS = 100
+MAX_SETTINGS = 100
+_EXPECTED = (PolicyDenied, UpstreamError, RemoteProtocolError, LocalProtocolError)
+
+
+class _Flood:
+    """Counts one kind of frame per window; `hit()` says whether the limit is passed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.since = time.monotonic()
+
+    def hit(self) -> bool:
+        now = time.monotonic()
+        if now - self.since > FLOOD_WINDOW:
+            self.count, self.since = 0, now
+        self.count += 1
+        return self.count > self.limit
+
+
+class H2Stream(relay.StreamSide):
+    """One stream as its greenlet sees it: blocking reads of DATA, flow-controlled sends."""
+
+    def __init__(self, session: "H2Session", stream_id: int, ended: bool) -> None:
+        self.session = session
+        self.id = stream_id
+        self.inbox: Queue = Queue()
+        if ended:
+            self.inbox.put(b"")
+        self.window_open = Event()
+        self.gone = False
+        self.trailers: tuple = ()
+        self.headers_sent = False
+
+    # inbound
+
+    def read(self) -> bytes:
+        item = self.inbox.get()
+        if item is None:
+            raise relay.StreamGone()
+        return item
+
+    def ack(self, n: int) -> None:
+        self.session.ack(self.id, n)
+
+    # outbound
+
+    def send_headers(self, block, end_stream: bool = False) -> None:
+        self.session.send(lambda c: c.send_headers(self.id, block, end_stream=end_stream), self)
+        self.headers_sent = True
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            self.session.wait_writable()
+            if self.gone:
+                raise relay.StreamGone()
+            size = min(self.session.window(self.id), len(view))
+            if size <= 0:
+                self.window_open.clear()
+                self.window_open.wait()
+                continue
+            chunk = bytes(view[:size])
+            self.session.send(lambda c: c.send_data(self.id, chunk), self)
+            view = view[size:]
+
+    def end(self, trailers=None) -> None:
+        if trailers:
+            self.session.send(lambda c: c.send_headers(self.id, trailers, end_stream=True), self)
+        else:
+            self.session.send(lambda c: c.end_stream(self.id), self)
+
+    def reset(self, code: int = h2.errors.ErrorCodes.CONNECT_ERROR) -> None:
+        self.session.send(lambda c: c.reset_stream(self.id, code), self)
+        self.gone = True
+
+    # events from the connection greenlet
+
+    def closed_by_peer(self) -> None:
+        self.gone = True
+        self.inbox.put(None)
+        self.window_open.set()
+
+
+class H2Session:
+    """One HTTP/2 connection from a client, inside TLS."""
+
+    def __init__(self, ctx: ProxyContext, sock: socket.socket, address, listener: str) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.sock = sock
+        self.client_ip = address[0]
+        self.listener = listener
+        self.pseudonym = self.config.appliance.name
+        self.conn = GoawayTolerantH2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_inbound_headers=False,
+            normalize_inbound_headers=False))
+        self.streams: dict[int, H2Stream] = {}
+        self.tasks: dict[int, gevent.Greenlet] = {}
+        self._wake = Event()
+        self._drained = Event()
+        self._drained.set()
+        self.closing = False
+        self._floods = {"reset": _Flood(MAX_RESETS), "ping": _Flood(MAX_PINGS),
+                        "settings": _Flood(MAX_SETTINGS)}
+
+    # --- the writer -------------------------------------------------------------------------
+
+    def send(self, action, stream: H2Stream | None = None) -> None:
+        """Apply one h2 state change and let the writer send what it produced."""
+        try:
+            action(self.conn)
+        except (h2.exceptions.StreamClosedError, KeyError) as exc:   # KeyError: h2 4.1
+            if stream is not None:
+                stream.gone = True
+                raise relay.StreamGone() from exc
+            return
+        self._wake.set()
+
+    def _writer(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            data = self.conn.data_to_send()
+            if not data:
+                if self.closing and not self.streams:
+                    return
+                continue
+            if len(data) > WRITE_HIGH_WATER:
+                self._drained.clear()
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:            # the client is gone; the reader sees it too
+                log.debug("h2 client %s: write failed: %s", self.client_ip, exc)
+                self.closing = True
+                for stream in list(self.streams.values()):
+                    stream.closed_by_peer()
+                return
+            finally:
+                self._drained.set()
+
+    def wait_writable(self) -> None:
+        self._drained.wait()
+
+    def window(self, stream_id: int) -> int:
+        try:
+            return min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+        except (h2.exceptions.StreamClosedError, KeyError):
+            raise relay.StreamGone() from None
+
+    def ack(self, stream_id: int, n: int) -> None:
+        if n:
+            self.send(lambda c: c.acknowledge_received_data(n, stream_id))
+
+    # --- the connection loop ----------------------------------------------------------------
+
+    def run(self) -> None:
+        self.ctx.observer.connection_opened(self.listener)
+        self.ctx.h2_sessions.add(self)
+        limits = self.config.limits
+        self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: INITIAL_WINDOW,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
+            h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
+        })
+        self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._wake.set()
+        writer = gevent.spawn(self._writer)
+        try:
+            self._read_loop(limits.client_idle_timeout)
+        except (ClientError, OSError) as exc:
+            log.debug("h2 client %s: %s", self.client_ip, exc)
+        finally:
+            for stream in list(self.streams.values()):
+                stream.closed_by_peer()
+            gevent.joinall(list(self.tasks.values()), timeout=1)
+            gevent.killall(list(self.tasks.values()))
+            self.closing = True
+            self._wake.set()
+            writer.join(timeout=2)
+            writer.kill()
+            self.sock.close()
+            self.ctx.observer.connection_closed(self.listener)
+
+    def _read_loop(self, idle_timeout: float) -> None:
+        while True:
+            self.sock.settimeout(idle_timeout)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                if self.streams:
+                    continue
+                self.goaway(h2.errors.ErrorCodes.NO_ERROR)
+                return
+            if not data:
+                return
+            try:
+                events = self.conn.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                log.info("h2 client %s: protocol error, closing: %s", self.client_ip, exc)
+                self.goaway(getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
+                return
+            for event in events:
+                if self._dispatch(event) is False:
+                    return
+            self._wake.set()
+            if self.closing and not self.streams:
+                return
+
+    def goaway(self, code) -> None:
+        self.closing = True
+        self.send(lambda c: c.close_connection(error_code=code))
+        self._drained.wait()
+
+    def drain(self) -> None:
+        """Shutdown: GOAWAY now, finish the streams in flight, then close (RFC 9113 §6.8)."""
+        if not self.closing:
+            self.goaway(h2.errors.ErrorCodes.NO_ERROR)
+
+    def _dispatch(self, event) -> bool | None:
+        E = h2.events
+        stream = self.streams.get(getattr(event, "stream_id", None) or 0)
+        if isinstance(event, E.RequestReceived):
+            self._start_stream(event)
+        elif isinstance(event, E.DataReceived):
+            if stream is not None:
+                stream.inbox.put(event.data)
+            if event.flow_controlled_length > len(event.data):     # padding is credited at once
+                self.ack(event.stream_id, event.flow_controlled_length - len(event.data))
+            elif stream is None:
+                self.ack(event.stream_id, event.flow_controlled_length)
+        elif isinstance(event, E.StreamEnded):
+            if stream is not None:
+                stream.inbox.put(b"")
+        elif isinstance(event, E.TrailersReceived):
+            if stream is not None:
+                stream.trailers = tuple(event.headers)
+        elif isinstance(event, E.StreamReset):
+            if stream is not None:
+                stream.closed_by_peer()
+            if self._floods["reset"].hit():
+                return self._flood("RST_STREAM")
+        elif isinstance(event, E.WindowUpdated):
+            targets = self.streams.values() if not event.stream_id else [stream] if stream else []
+            for s in targets:
+                s.window_open.set()
+        elif isinstance(event, E.RemoteSettingsChanged):
+            for s in self.streams.values():
+                s.window_open.set()
+            if self._floods["settings"].hit():
+                return self._flood("SETTINGS")
+        elif isinstance(event, E.PingReceived):
+            if self._floods["ping"].hit():
+                return self._flood("PING")
+        elif isinstance(event, E.ConnectionTerminated):
+            # The client's GOAWAY: no new streams from it; those in flight finish if it said
+            # NO_ERROR, any error code ends the connection now.
+            self.closing = True
+            if event.error_code != h2.errors.ErrorCodes.NO_ERROR or not self.streams:
+                return False
+        return None
+
+    def _flood(self, what: str) -> bool:
+        log.warning("h2 client %s: %s flood, closing the connection (ENHANCE_YOUR_CALM)", self.client_ip, what)
+        self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        return False
+
+    # --- streams ----------------------------------------------------------------------------
+
+    def _start_stream(self, event) -> None:
+        ended = event.stream_ended is not None
+        stream = H2Stream(self, event.stream_id, ended)
+        self.streams[event.stream_id] = stream
+        if self.closing:
+            self.send(lambda c: c.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM))
+            del self.streams[event.stream_id]
+            return
+        task = gevent.spawn(self._serve_stream, stream, event.headers)
+        self.tasks[event.stream_id] = task
+
+    def _serve_stream(self, stream: H2Stream, block) -> None:
+        record = AccessRecord(self.listener, self.client_ip)
+        try:
+            H2Exchange(self, stream, record).run(block)
+        finally:
+            self.streams.pop(stream.id, None)
+            self.tasks.pop(stream.id, None)
+            if self.closing and not self.streams:
+                self._wake.set()
+                try:
+                    self.sock.shutdown(socket.SHUT_RD)    # end the read loop: nothing left to serve
+                except OSError:
+                    pass
+
+
+class H2Exchange:
+    """What one stream asks for, carried out; always ends in one access-log record."""
+
+    def __init__(self, session: H2Session, stream: H2Stream, record: AccessRecord) -> None:
+        self.s = session
+        self.stream = stream
+        self.record = record
+
+    def run(self, block) -> None:
+        record = self.record
+        try:
+            request = h2map.parse_request_block(block)
+            record.method = request.method
+            record.target = request.authority if request.kind == "connect" else \
+                f"{request.scheme}://{request.authority}{request.path}"
+            handler = {"request": self.forward, "connect": self.tunnel, "websocket": self.websocket}
+            handler[request.kind](request)
+        except h2map.StreamError as exc:
+            record.status = getattr(exc, "status", 400)
+            record.error = f"protocol: {exc}"
+            if exc.status == 400 or self.stream.headers_sent:
+                self._reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            else:
+                self._error_response(exc)
+        except _EXPECTED as exc:
+            self._error_response(exc)
+        except relay.StreamGone:
+            record.error = record.error or "stream reset by client"
+        except ClientError as exc:
+            record.error = f"client: {exc}"
+        except Exception as exc:      # a bug: answer 500 on this stream only
+            log.exception("internal error on h2 stream %s", self.stream.id)
+            self._error_response(exc)
+        finally:
+            self.s.ctx.observer.finish(record)
+
+    def _reset(self, code) -> None:
+        try:
+            self.stream.reset(code)
+        except relay.StreamGone:
+            pass
+
+    def _error_response(self, exc: BaseException) -> None:
+        reply = http_reply(exc)
+        self.record.error = reply.log_error
+        if isinstance(exc, PolicyDenied):
+            self.record.rule = exc.rule
+        if self.stream.headers_sent:
+            self._reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+            return
+        self.record.status = reply.status
+        body = reply.body.encode()
+        try:
+            self.stream.send_headers([(":status", str(reply.status)), ("content-type", "text/plain; charset=utf-8"),
+                                      ("content-length", str(len(body)))])
+            self.stream.send(body)
+            self.stream.end()
+            self.record.bytes_down += len(body)
+        except relay.StreamGone:
+            pass
+        log.info("h2 %s %s %s from %s: %s", self.record.method, self.record.target,
+                 self.record.status, self.s.client_ip, reply.log_error)
+
+    def authorize(self, kind: str, host: str, port: int, scheme: str, method: str) -> None:
+        intent = Intent(self.s.client_ip, self.s.listener, kind, host, port, scheme, method)
+        rules = self.s.config.rules
+        if needs_addresses(rules, intent):
+            intent = Intent(**{**intent.__dict__, "addresses": tuple(self.s.ctx.resolver.resolve(host))})
+        decision = decide(rules, intent)
+        self.record.rule = decision.rule
+        if decision.action == "deny":
+            raise PolicyDenied(decision.rule)
+
+    # --- plain requests ---------------------------------------------------------------------
+
+    def forward(self, req) -> None:
+        record = self.record
+        target = req.target
+        if req.scheme != "http":
+            raise RemoteProtocolError("https:// URLs go through CONNECT, not in a plain request", 501)
+        self.authorize("request", target.host, target.port, "http", req.method)
+        method, path, headers = h2map.http1_request_head(req, self.s.pseudonym)
+        if req.content_length is not None:
+            framing = Framing("length", req.content_length) if req.content_length else NO_BODY
+        elif self.stream.inbox.qsize() and self.stream.inbox.peek() == b"":
+            framing = NO_BODY                       # HEADERS carried END_STREAM
+        else:
+            framing = CHUNKED
+            headers += (("Transfer-Encoding", "chunked"),)
+        check = h2map.DataLengthCheck(req.content_length)
+        origin = OriginRequest(self.s.ctx, target, serialize_head(request_line(method, path), headers),
+                               method, framing)
+
+        def upload(sock: socket.socket) -> None:
+            self._upload(sock, framing, check)
+
+        try:
+            if framing is NO_BODY:
+                self._discard_body(check)
+            response = origin.send(upload if framing is not NO_BODY else None, self._informational)
+        finally:
+            record.upstream = origin.upstream_address
+        record.status = response.status
+        decoder = origin.response_decoder(response)
+        block = h2map.h2_response_block(response.status, response.headers, self.s.pseudonym)
+        try:
+            if decoder.done:
+                self.stream.send_headers(block, end_stream=True)
+            else:
+                self.stream.send_headers(block)
+                self._download(origin, decoder)
+        except BaseException:
+            origin.close()
+            raise
+        origin.finish(response)
+
+    def _discard_body(self, check) -> None:
+        data = self.stream.read()
+        if data:
+            raise h2map.StreamError("DATA on a request whose HEADERS ended the stream")
+        check.end()
+
+    def _upload(self, sock: socket.socket, framing: Framing, check) -> None:
+        name = self.record.target
+        timeout = self.s.config.upstream.response_timeout
+        while True:
+            data = self.stream.read()
+            if not data:
+                break
+            check.data(len(data))
+            send(sock, chunk_header(len(data)) + data + b"\r\n" if framing.kind == "chunked" else data,
+                 "origin", timeout, name)
+            self.stream.ack(len(data))
+            self.record.bytes_up += len(data)
+        check.end()
+        if framing.kind == "chunked":
+            trailers = tuple((k.decode() if isinstance(k, bytes) else k, v.decode() if isinstance(v, bytes) else v)
+                             for k, v in self.stream.trailers)
+            send(sock, last_chunk(trailers), "origin", timeout, name)
+
+    def _informational(self, raw: bytes, response) -> None:
+        self.stream.send_headers(h2map.h2_response_block(response.status, response.headers, self.s.pseudonym))
+        self.stream.headers_sent = False       # a 1xx is not the response
+
+    def _download(self, origin: OriginRequest, decoder) -> None:
+        reader = origin.reader
+        while not decoder.done:
+            data = reader.recv()
+            if not data:
+                decoder.feed_eof()
+                break
+            for piece in decoder.feed(data):
+                self.stream.send(piece)
+                self.record.bytes_down += len(piece)
+        reader.unread(decoder.leftover)
+        trailers = h2map.h2_trailer_block(decoder.trailers) if decoder.trailers else None
+        self.stream.end(trailers)
+
+    # --- CONNECT ----------------------------------------------------------------------------
+
+    def tunnel(self, req) -> None:
+        self.record.kind = "tunnel"
+        host, port = req.target.host, req.target.port
+        self.authorize("tunnel", host, port, "tcp", "CONNECT")
+        sock = connect(self.s.ctx.resolver, host, port, self.s.config.upstream.connect_timeout)
+        self.record.upstream = sock.getpeername()[0]
+        try:
+            self.stream.send_headers([(":status", "200")])
+            self.record.status = 200
+            self._relay(sock)
+        finally:
+            sock.close()
+
+    def _relay(self, sock: socket.socket, first_down: bytes = b"") -> None:
+        result = relay.stream_pipe(self.stream, sock, self.s.config.limits.tunnel_idle_timeout, first_down)
+        self.record.bytes_up += result.a_to_b
+        self.record.bytes_down += result.b_to_a
+        self.record.error = result.error
+
+    # --- RFC 8441 WebSocket -----------------------------------------------------------------
+
+    def websocket(self, req) -> None:
+        self.record.kind = "websocket"
+        target = req.target
+        self.authorize("websocket", target.host, target.port, req.scheme, "CONNECT")
+        key = base64.b64encode(os.urandom(16)).decode()
+        start, headers = h2map.websocket_http1_request(req, key, self.s.pseudonym)
+        origin = OriginRequest(self.s.ctx, target, serialize_head(start, headers), "GET", NO_BODY,
+                               fresh=True, tls=req.scheme == "https")
+        try:
+            response = origin.send()
+        finally:
+            self.record.upstream = origin.upstream_address
+        try:
+            if response.status != 101:
+                self.record.status = response.status
+                self._relay_response(origin, response)
+                return
+            h2map.check_websocket_switch(key, response.status, response.headers)
+            self.stream.send_headers(h2map.websocket_h2_response(response.headers))
+            self.record.status = 200
+            self._relay(origin.conn.sock, origin.reader.buffered)
+        finally:
+            origin.close()
+
+    def _relay_response(self, origin: OriginRequest, response) -> None:
+        decoder = origin.response_decoder(response)
+        block = h2map.h2_response_block(response.status, response.headers, self.s.pseudonym)
+        if decoder.done:
+            self.stream.send_headers(block, end_stream=True)
+        else:
+            self.stream.send_headers(block)
+            self._download(origin, decoder)

@@ -1,0 +1,81 @@
+"""The `https` listener: TLS from the client to the appliance, then ALPN picks the protocol.
+
+ALPN `h2` hands the connection to the HTTP/2 frontend; `http/1.1` or no ALPN gives exactly the
+HTTP/1.1 proxy of the `http` listener, inside TLS (Chromium's "HTTPS proxy" scheme, curl's
+`--proxy https://`). The certificate is the admin's `[tls] cert`, or one minted from the
+appliance CA for the appliance's name, localhost, 127.0.0.1 and ::1.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+from gevent import socket, ssl
+
+from ..config import Config
+from ..context import ProxyContext
+from ..observe import AccessRecord
+from .h2 import H2Session
+from .http1 import Http1Session
+
+log = logging.getLogger("appliance.tls")
+
+ALPN = ["h2", "http/1.1"]
+
+
+def listener_certificate(config: Config) -> tuple[Path, Path]:
+    """The certificate chain and key files the https listener presents."""
+    if config.tls.cert is not None:
+        return config.tls.cert, config.tls.key
+    from certs.authority import CertificateAuthority
+    from certs.leaf import issue_files
+    now = datetime.now(timezone.utc)
+    ca = CertificateAuthority.load_or_create(config.appliance.state_dir, now)
+    names = list(dict.fromkeys([config.appliance.name, "localhost", "127.0.0.1", "::1"]))
+    return issue_files(ca, names, config.appliance.state_dir / "tls", "https-listener", now,
+                       config.ca.leaf_days)
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2      # RFC 9113 §9.2: TLS 1.2 or later
+    context.options |= ssl.OP_NO_COMPRESSION
+    context.set_alpn_protocols(ALPN)
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+class TlsSession:
+    """One client connection on the https listener: handshake, then the chosen protocol."""
+
+    def __init__(self, ctx: ProxyContext, context: ssl.SSLContext, sock: socket.socket, address,
+                 listener: str = "https") -> None:
+        self.ctx = ctx
+        self.context = context
+        self.sock = sock
+        self.address = address
+        self.listener = listener
+
+    def run(self) -> None:
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # no Nagle stalls on frames
+        self.sock.settimeout(self.ctx.config.limits.client_idle_timeout)   # handshake deadline
+        try:
+            tls = self.context.wrap_socket(self.sock, server_side=True)
+        except (OSError, ValueError) as exc:
+            self._handshake_failed(exc)
+            return
+        if tls.selected_alpn_protocol() == "h2":
+            H2Session(self.ctx, tls, self.address, self.listener).run()
+        else:
+            Http1Session(self.ctx, tls, self.address, self.listener).run()
+
+    def _handshake_failed(self, exc: BaseException) -> None:
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        log.info("TLS handshake with %s failed: %s", self.address[0], reason)
+        record = AccessRecord(self.listener, self.address[0], kind="tls", error=f"tls handshake: {reason}")
+        self.ctx.observer.connection_opened(self.listener)
+        self.ctx.observer.finish(record)
+        self.ctx.observer.connection_closed(self.listener)
+        self.sock.close()

@@ -1,0 +1,210 @@
+"""The https listener: HTTP/1.1 inside TLS (curl --proxy https://) and HTTP/2 (Node's http2 client):
+plain requests, CONNECT streams carrying TLS (RFC 9113 §8.5) and WebSocket over extended CONNECT
+(RFC 8441), against origins the tests start."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from .conftest import HERE, Process, child_env, curl, free_port, require_tool, wait_for_port
+
+NODE_CLIENT = HERE / "node" / "h2_client.js"
+
+
+@pytest.fixture(scope="session")
+def origin_tls(tmp_path_factory):
+    """A CA of the tests' own and a certificate for localhost/127.0.0.1 from it, for TLS origins."""
+    from certs.authority import CertificateAuthority
+    from certs.leaf import issue_files
+    now = datetime.now(timezone.utc)
+    root = tmp_path_factory.mktemp("origin-ca")
+    ca = CertificateAuthority.load_or_create(root, now, common_name="Test Origin CA")
+    cert, key = issue_files(ca, ["localhost", "127.0.0.1"], root, "origin", now, 30)
+    return {"ca": ca.cert_path, "cert": cert, "key": key}
+
+
+@pytest.fixture(scope="session")
+def tls_origin(tmp_path_factory, origin_tls):
+    """The same WSGI test origin, speaking TLS."""
+    port = free_port()
+    proc = Process([sys.executable, str(HERE / "origin.py"), str(port), "127.0.0.1",
+                    str(origin_tls["cert"]), str(origin_tls["key"])],
+                   tmp_path_factory.mktemp("tls-origin") / "out.log")
+    try:
+        wait_for_port("127.0.0.1", port)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def wss_origin(tmp_path_factory, origin_tls):
+    port = free_port()
+    proc = Process([sys.executable, str(HERE / "ws_origin.py"), str(port),
+                    str(origin_tls["cert"]), str(origin_tls["key"])],
+                   tmp_path_factory.mktemp("wss") / "out.log")
+    try:
+        wait_for_port("127.0.0.1", port)
+        yield port
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, origin_tls):
+    """An appliance whose https listener is under test; it trusts the tests' origin CA."""
+    from .conftest import Appliance
+    appliance = Appliance(tmp_path_factory.mktemp("h2app"),
+                          extra=f'[upstream]\nca_file = "{origin_tls["ca"]}"\n').start()
+    try:
+        yield appliance
+    finally:
+        appliance.stop()
+
+
+def node(app, mode: str, timeout: float = 60, **opts) -> dict:
+    exe = require_tool("node")
+    args = {"proxy": f"https://127.0.0.1:{app.https_port}", "ca": str(app.ca_path), "mode": mode, **opts}
+    r = subprocess.run([exe, str(NODE_CLIENT), json.dumps(args)], capture_output=True, text=True,
+                       timeout=timeout, env=child_env(), stdin=subprocess.DEVNULL)
+    assert r.stdout.strip(), r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# --- the listener and its CA ----------------------------------------------------------------
+
+def test_ca_created_with_private_key_mode_0600(app):
+    key = app.ca_path.with_name("ca.key")
+    assert app.ca_path.exists()
+    assert key.stat().st_mode & 0o777 == 0o600
+
+
+def test_ca_export_prints_the_ca_certificate(app):
+    r = subprocess.run([sys.executable, "-m", "appliance", "ca", "export", "--config", str(app.config_path)],
+                       capture_output=True, text=True, timeout=60, env=child_env(), cwd=HERE.parents[1])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == app.ca_path.read_text()
+    assert r.stdout.startswith("-----BEGIN CERTIFICATE-----")
+
+
+@pytest.mark.parametrize("name", ["localhost", "127.0.0.1"])
+def test_listener_certificate_verifies_for_its_names(app, name):
+    context = ssl.create_default_context(cafile=str(app.ca_path))
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", app.https_port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=name) as tls:
+            assert tls.selected_alpn_protocol() == "h2"
+
+
+def test_non_tls_bytes_fail_the_handshake_and_are_logged(app, origin):
+    with socket.create_connection(("127.0.0.1", app.https_port), timeout=10) as s:
+        s.sendall(b"GET http://127.0.0.1/ HTTP/1.1\r\n\r\n")
+        s.settimeout(10)
+        try:
+            data = s.recv(100)              # a TLS alert, or nothing
+        except ConnectionResetError:        # or a reset: unread bytes were left behind
+            data = b""
+    assert not data.startswith(b"HTTP/")
+    record = app.wait_record(lambda r: r["kind"] == "tls")
+    assert record["error"].startswith("tls handshake")
+    assert node(app, "get", origin=origin.split("//")[1])["status"] == 200    # others unaffected
+
+
+# --- HTTP/1.1 inside TLS (ALPN http/1.1) -----------------------------------------------------
+
+def test_curl_https_proxy_plain_request(app, origin):
+    r = curl("--proxy", app.https_proxy, "--proxy-cacert", str(app.ca_path), f"{origin}/echo?via=tls")
+    assert r.returncode == 0, r.stderr
+    echo = json.loads(r.stdout)
+    assert echo["query"] == {"via": "tls"}
+    assert dict(echo["headers"])["Via"] == "1.1 proxy.test"
+    record = app.wait_record(lambda r: r["target"].endswith("via=tls"))
+    assert record["listener"] == "https" and record["status"] == 200
+
+
+def test_curl_https_proxy_to_https_origin(app, tls_origin, origin_tls):
+    r = curl("--proxy", app.https_proxy, "--proxy-cacert", str(app.ca_path),
+             "--cacert", str(origin_tls["ca"]), f"https://localhost:{tls_origin.split(':')[1]}/echo?tls=both")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["query"] == {"tls": "both"}
+
+
+def test_curl_refuses_a_proxy_it_does_not_trust(app, origin, origin_tls):
+    r = curl("--proxy", app.https_proxy, "--proxy-cacert", str(origin_tls["ca"]), f"{origin}/echo")
+    assert r.returncode == 60                      # peer certificate cannot be authenticated
+    record = app.wait_record(lambda r: r["kind"] == "tls")
+    assert record["error"].startswith("tls handshake")
+
+
+# --- HTTP/2 (ALPN h2) with Node's http2 client -----------------------------------------------
+
+def test_h2_plain_get(app, origin):
+    result = node(app, "get", origin=origin.split("//")[1], path="/echo?h2=1")
+    assert result["alpn"] == "h2" and result["status"] == 200
+    assert result["via"] == "1.1 proxy.test"
+    echo = json.loads(result["body"])
+    headers = dict(echo["headers"])
+    assert headers["Host"] == origin.split("//")[1]
+    assert headers["Via"] == "2 proxy.test"
+    record = app.wait_record(lambda r: r["target"].endswith("h2=1"))
+    assert record["listener"] == "https" and record["status"] == 200
+
+
+def test_h2_post_body_streams_to_the_origin(app, origin):
+    result = node(app, "post", origin=origin.split("//")[1], size=3_000_000)
+    assert result["status"] == 200
+    assert result["echo"]["body_length"] == 3_000_000
+
+
+def test_h2_hundred_parallel_streams_on_one_connection(app, origin):
+    result = node(app, "parallel", origin=origin.split("//")[1], count=100, size=200_000)
+    assert result["statuses"] == [200] * 100
+    assert result["sizes"] == [200_000] * 100
+
+
+def test_h2_connect_stream_carries_tls_to_the_origin(app, tls_origin, origin_tls):
+    result = node(app, "connect-tls", origin=tls_origin, origin_ca=str(origin_tls["ca"]))
+    assert result["status"] == 200 and result["authorized"] is True
+    assert result["reply"].startswith("HTTP/1.1 200 OK")
+    assert '"inside": "tls"' in result["reply"]
+    record = app.wait_record(lambda r: r["kind"] == "tunnel" and r["target"] == tls_origin)
+    assert record["status"] == 200 and record["bytes_up"] > 100 and record["bytes_down"] > 100
+
+
+def test_h2_extended_connect_websocket(app, ws_origin):
+    result = node(app, "websocket", origin=f"127.0.0.1:{ws_origin}",
+                  messages=["hello", {"char": "x", "count": 200_000}, "bye"])
+    assert result.get("enableConnectProtocol") is True, result
+    assert result["messages"] == ["hello", "x" * 200_000, "bye"]
+    record = app.wait_record(lambda r: r["kind"] == "websocket" and r["listener"] == "https")
+    assert record["status"] == 200 and record["bytes_up"] > 200_000
+
+
+def test_h2_extended_connect_websocket_to_wss_origin(app, wss_origin):
+    result = node(app, "websocket", origin=f"localhost:{wss_origin}", scheme="https",
+                  messages=["over", "tls"])
+    assert result.get("messages") == ["over", "tls"], result
+
+
+def test_h2_extended_connect_refused_by_origin_is_its_status(app, origin):
+    result = node(app, "websocket", origin=origin.split("//")[1], path="/nows")
+    assert result["status"] == 404
+
+
+def test_h2_connect_to_closed_port_is_502(app):
+    result = node(app, "connect-tls", origin=f"127.0.0.1:{free_port()}", origin_ca=str(app.ca_path))
+    assert result["status"] == 502
+
+
+def test_h2_denied_stream_is_403_and_the_connection_lives(make_appliance, origin):
+    other = make_appliance(rules='[[rule]]\nname = "not-echo"\naction = "deny"\ndst = ["127.0.0.1/32"]\n')
+    result = node(other, "get", origin=origin.split("//")[1])
+    assert result["status"] == 403 and "not-echo" in result["body"]
