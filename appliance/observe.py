@@ -7,6 +7,7 @@ working), and updates the Prometheus metrics served on the admin listener.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -34,6 +35,8 @@ class AccessRecord:
     user: str | None = None
     upstream: str | None = None           # origin address actually used
     content_type: str | None = None
+    protocol: str = "HTTP/1.1"            # what the client spoke: HTTP/1.1 or HTTP/2
+    connection: int = 0                   # the client connection's number, unique in this process
     start: float = field(default_factory=time.time)
     _mono: float = field(default_factory=time.monotonic, repr=False)
 
@@ -57,6 +60,7 @@ class AccessRecord:
             "target": self.target, "status": self.status, "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down, "duration_ms": round(self.duration_s * 1000, 1),
             "rule": self.rule, "upstream": self.upstream, "error": self.error,
+            "protocol": self.protocol, "connection": self.connection,
         }, separators=(",", ":"))
 
     def to_squid(self) -> str:
@@ -133,11 +137,14 @@ class Observer:
     def __init__(self, access_log: AccessLog, metrics: Metrics | None = None) -> None:
         self.access_log = access_log
         self.metrics = metrics or Metrics()
+        self._connection_ids = itertools.count(1)
 
-    def connection_opened(self, listener: str) -> None:
+    def connection_opened(self, listener: str) -> int:
+        """Count a new client connection; returns its number for the access log."""
         m = self.metrics
         m.child(m.connections, listener).inc()
         m.child(m.active, listener).inc()
+        return next(self._connection_ids)
 
     def connection_closed(self, listener: str) -> None:
         m = self.metrics

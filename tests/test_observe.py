@@ -34,7 +34,8 @@ def samples(metrics: Metrics) -> dict[tuple[str, tuple], float]:
 def test_json_record_has_every_field():
     r = record(method="GET", target="http://example.com/", status=200, bytes_up=120,
                bytes_down=5120, rule="lan", user="alice", upstream="192.0.2.80",
-               content_type="text/html", _mono=time.monotonic() - 0.25)
+               content_type="text/html", protocol="HTTP/2", connection=7,
+               _mono=time.monotonic() - 0.25)
     line = r.to_json()
     assert "\n" not in line and ", " not in line        # one compact line
     data = json.loads(line)
@@ -43,7 +44,7 @@ def test_json_record_has_every_field():
         "time": 1700000000.25, "client": "192.0.2.10", "user": "alice", "listener": "http",
         "kind": "request", "method": "GET", "target": "http://example.com/", "status": 200,
         "bytes_up": 120, "bytes_down": 5120, "rule": "lan", "upstream": "192.0.2.80",
-        "error": None,
+        "error": None, "protocol": "HTTP/2", "connection": 7,
     }
 
 

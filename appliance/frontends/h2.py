@@ -209,7 +209,7 @@ class H2Session:
     # --- the connection loop ----------------------------------------------------------------
 
     def run(self) -> None:
-        self.ctx.observer.connection_opened(self.listener)
+        self.connection = self.ctx.observer.connection_opened(self.listener)
         self.ctx.h2_sessions.add(self)
         limits = self.config.limits
         self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
@@ -335,7 +335,7 @@ class H2Session:
         self.tasks[event.stream_id] = task
 
     def _serve_stream(self, stream: H2Stream, block) -> None:
-        record = AccessRecord(self.listener, self.client_ip)
+        record = AccessRecord(self.listener, self.client_ip, protocol="HTTP/2", connection=self.connection)
         try:
             H2Exchange(self, stream, record).run(block)
         finally:

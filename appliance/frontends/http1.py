@@ -92,11 +92,12 @@ class Http1Session:
         self.limits = self.config.limits
         self.pseudonym = self.config.appliance.name
         self.client = SocketReader(sock, "client", self.limits.client_idle_timeout)
+        self.connection = 0
 
     # --- connection loop --------------------------------------------------------------------
 
     def run(self) -> None:
-        self.ctx.observer.connection_opened(self.listener)
+        self.connection = self.ctx.observer.connection_opened(self.listener)
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while self.serve_one():
@@ -115,11 +116,11 @@ class Http1Session:
         except ClientError:
             return False                      # idle between requests, or gone: nothing to log
         except RemoteProtocolError as exc:
-            self._finish_error(AccessRecord(self.listener, self.client_ip), exc)
+            self._finish_error(self._record(), exc)
             return False
         if raw is None:
             return False
-        record = AccessRecord(self.listener, self.client_ip)
+        record = self._record()
         keep = False
         try:
             head = parse_request_head(raw)
@@ -139,6 +140,9 @@ class Http1Session:
         record.bytes_up = max(record.bytes_up, self.client.received - len(self.client.buffered) - before)
         self.ctx.observer.finish(record)
         return keep
+
+    def _record(self) -> AccessRecord:
+        return AccessRecord(self.listener, self.client_ip, connection=self.connection)
 
     def _finish_error(self, record: AccessRecord, exc: BaseException) -> None:
         reply = http_reply(exc)

@@ -74,8 +74,9 @@ class TlsSession:
     def _handshake_failed(self, exc: BaseException) -> None:
         reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
         log.info("TLS handshake with %s failed: %s", self.address[0], reason)
-        record = AccessRecord(self.listener, self.address[0], kind="tls", error=f"tls handshake: {reason}")
-        self.ctx.observer.connection_opened(self.listener)
+        connection = self.ctx.observer.connection_opened(self.listener)
+        record = AccessRecord(self.listener, self.address[0], kind="tls", error=f"tls handshake: {reason}",
+                              protocol="TLS", connection=connection)
         self.ctx.observer.finish(record)
         self.ctx.observer.connection_closed(self.listener)
         self.sock.close()
