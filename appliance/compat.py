@@ -19,12 +19,15 @@ class GoawayTolerantH2Connection(H2Connection):
         if frame.error_code != 0:
             return super()._receive_goaway_frame(frame)
         queued = bytes(self._data_to_send)
+        state = self.state_machine.state            # SERVER_OPEN or CLIENT_OPEN
         frames, events = super()._receive_goaway_frame(frame)
         self._data_to_send = bytearray(queued) + self._data_to_send
-        self.state_machine.state = ConnectionState.OPEN
+        if state != ConnectionState.CLOSED:
+            self.state_machine.state = state
         return frames, events
 
     def close_connection(self, error_code=0, additional_data=None, last_stream_id=None):
+        state = self.state_machine.state
         super().close_connection(error_code, additional_data, last_stream_id)
-        if error_code == 0:
-            self.state_machine.state = ConnectionState.OPEN
+        if error_code == 0 and state != ConnectionState.CLOSED:
+            self.state_machine.state = state

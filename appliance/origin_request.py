@@ -23,6 +23,7 @@ from .protocols.http1 import (
     parse_response_head, response_framing, wants_keep_alive,
 )
 from .reader import SocketReader
+from .relay import shutdown_socket
 from .upstream import OriginConnection, connect, wrap_tls
 
 Upload = Callable[[socket.socket], None]
@@ -98,9 +99,9 @@ class OriginRequest:
             # response reader, since this exchange is over.
             try:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            shutdown_socket(conn.sock, socket.SHUT_RDWR)
             return exc
 
     def _final_head(self, informational) -> ResponseHead:

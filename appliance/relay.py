@@ -71,15 +71,49 @@ class _Flow:
     moved = 0
 
 
+class _Closed(Exception):
+    """A TLS side ended. TLS sockets here cannot half-close (the stdlib drops the TLS state on
+    shutdown), so the whole tunnel closes: an end, not a failure."""
+
+
+def is_tls(sock) -> bool:
+    return type(sock).__name__ == "SSLSocket"
+
+
+def shutdown_socket(sock, how: int) -> None:
+    """shutdown(2) on the descriptor only: `SSLSocket.shutdown` also drops its TLS object, after
+    which a concurrent read or write would bypass TLS and move plain bytes."""
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
+
+
+def _half_close(sock) -> None:
+    if is_tls(sock):
+        raise _Closed()
+    shutdown_socket(sock, socket.SHUT_WR)
+
+
 class _Failures(list):
     """Failures in the order they happened: the first is the cause, the rest its echo (gevent
-    answers a shutdown from another greenlet with 'closed in another greenlet')."""
+    answers a shutdown from another greenlet with 'closed in another greenlet'). Once a TLS side
+    has closed the tunnel (`closed`), what follows is that closing, not a failure."""
+
+    closed = False
 
     def run(self, fn, *args) -> None:
         try:
             fn(*args)
+        except _Closed:
+            self.closed = True
         except (_Idle, OSError, StreamGone) as exc:
-            self.append(exc)
+            if not self.closed:
+                self.append(exc)
+
+    @property
+    def over(self) -> bool:
+        return self.closed or bool(self)
 
     def describe(self) -> str | None:
         if not self:
@@ -149,24 +183,18 @@ def _direction(src, dst, activity: _Activity, use_splice: bool, first: bytes, fl
         activity.touch()
         flow.moved += len(first)
     (_splice_direction if use_splice else _copy_direction)(src, dst, activity, flow)
-    try:
-        dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
+    _half_close(dst)
 
 
 def _shutdown(*socks) -> None:
     for s in socks:
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shutdown_socket(s, socket.SHUT_RDWR)
 
 
 def _abort_on_failure(failures: _Failures, *socks):
-    """A link callback: once a direction failed, shut both sockets so the other wakes up."""
+    """A link callback: once a direction failed or closed the tunnel, wake the other one."""
     def callback(_greenlet) -> None:
-        if failures:
+        if failures.over:
             _shutdown(*socks)
     return callback
 
@@ -183,7 +211,7 @@ def pipe(a: socket.socket, b: socket.socket, idle_timeout: float, *, a_to_b_firs
     upward = gevent.spawn(failures.run, _direction, a, b, activity, use_splice, a_to_b_first, up)
     upward.link(_abort_on_failure(failures, a, b))
     failures.run(_direction, b, a, activity, use_splice, b_to_a_first, down)
-    if failures:
+    if failures.over:
         _shutdown(a, b)
     upward.join()
     return RelayResult(a_to_b=up.moved, b_to_a=down.moved, error=failures.describe())
@@ -218,7 +246,7 @@ def _stream_to_socket(stream: StreamSide, sock: socket.socket, activity: _Activi
         if data is None:                     # woke up to re-check idleness
             continue
         if not data:
-            sock.shutdown(socket.SHUT_WR)    # END_STREAM ↔ FIN (RFC 9113 §8.5)
+            _half_close(sock)                # END_STREAM ↔ FIN (RFC 9113 §8.5)
             return
         activity.touch()
         with gevent.Timeout(activity.idle_timeout, _Idle):
@@ -260,9 +288,14 @@ def stream_pipe(stream: StreamSide, sock: socket.socket, idle_timeout: float,
     upward = gevent.spawn(failures.run, _stream_to_socket, stream, sock, activity, up)
     upward.link(_abort_on_failure(failures, sock))
     failures.run(_socket_to_stream, sock, stream, activity, first_down, down)
-    if failures:
+    if failures.over:
         upward.kill()
     upward.join()
+    if failures.closed and not failures:
+        try:
+            stream.end()                     # the TLS origin side closed: so does the stream
+        except StreamGone:
+            pass
     if failures:
         if not isinstance(failures[0], StreamGone):
             try:

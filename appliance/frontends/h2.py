@@ -72,6 +72,10 @@ class _Flood:
         return self.count > self.limit
 
 
+class _ConnectionDone(Exception):
+    """Every stream has finished after a GOAWAY: the read loop stops."""
+
+
 class H2Stream(relay.StreamSide):
     """One stream as its greenlet sees it: blocking reads of DATA, flow-controlled sends."""
 
@@ -100,7 +104,8 @@ class H2Stream(relay.StreamSide):
     # outbound
 
     def send_headers(self, block, end_stream: bool = False) -> None:
-        self.session.send(lambda c: c.send_headers(self.id, block, end_stream=end_stream), self)
+        encoded = h2map.block_bytes(block)      # latin-1 as read from HTTP/1.1, not UTF-8
+        self.session.send(lambda c: c.send_headers(self.id, encoded, end_stream=end_stream), self)
         self.headers_sent = True
 
     def send(self, data: bytes) -> None:
@@ -120,7 +125,8 @@ class H2Stream(relay.StreamSide):
 
     def end(self, trailers=None) -> None:
         if trailers:
-            self.session.send(lambda c: c.send_headers(self.id, trailers, end_stream=True), self)
+            encoded = h2map.block_bytes(trailers)
+            self.session.send(lambda c: c.send_headers(self.id, encoded, end_stream=True), self)
         else:
             self.session.send(lambda c: c.end_stream(self.id), self)
 
@@ -155,6 +161,7 @@ class H2Session:
         self._drained = Event()
         self._drained.set()
         self.closing = False
+        self._reader: gevent.Greenlet | None = None
         self._floods = {"reset": _Flood(MAX_RESETS), "ping": _Flood(MAX_PINGS),
                         "settings": _Flood(MAX_SETTINGS)}
 
@@ -222,8 +229,11 @@ class H2Session:
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._wake.set()
         writer = gevent.spawn(self._writer)
+        self._reader = gevent.getcurrent()
         try:
             self._read_loop(limits.client_idle_timeout)
+        except _ConnectionDone:
+            pass
         except (ClientError, OSError) as exc:
             log.debug("h2 client %s: %s", self.client_ip, exc)
         finally:
@@ -341,12 +351,11 @@ class H2Session:
         finally:
             self.streams.pop(stream.id, None)
             self.tasks.pop(stream.id, None)
-            if self.closing and not self.streams:
+            if self.closing and not self.streams and self._reader is not None:
                 self._wake.set()
-                try:
-                    self.sock.shutdown(socket.SHUT_RD)    # end the read loop: nothing left to serve
-                except OSError:
-                    pass
+                # Nothing left to serve after a GOAWAY: stop the read loop. (Not with shutdown():
+                # on a TLS socket that drops the TLS state, and the writer would send plain text.)
+                gevent.kill(self._reader, _ConnectionDone, block=False)
 
 
 class H2Exchange:
@@ -451,6 +460,9 @@ class H2Exchange:
             response = origin.send(upload if framing is not NO_BODY else None, self._informational)
         finally:
             record.upstream = origin.upstream_address
+        if response.status == 101:
+            origin.close()
+            raise UpstreamError("protocol", target.hostport, "origin switched protocols on a plain request")
         record.status = response.status
         decoder = origin.response_decoder(response)
         block = h2map.h2_response_block(response.status, response.headers, self.s.pseudonym)
@@ -485,8 +497,7 @@ class H2Exchange:
             self.record.bytes_up += len(data)
         check.end()
         if framing.kind == "chunked":
-            trailers = tuple((k.decode() if isinstance(k, bytes) else k, v.decode() if isinstance(v, bytes) else v)
-                             for k, v in self.stream.trailers)
+            trailers = h2map.parse_trailer_block(self.stream.trailers)   # checked like any field
             send(sock, last_chunk(trailers), "origin", timeout, name)
 
     def _informational(self, raw: bytes, response) -> None:
@@ -547,7 +558,7 @@ class H2Exchange:
                 self.record.status = response.status
                 self._relay_response(origin, response)
                 return
-            h2map.check_websocket_switch(key, response.status, response.headers)
+            h2map.check_websocket_switch(key, response.status, response.headers, request=req)
             self.stream.send_headers(h2map.websocket_h2_response(response.headers))
             self.record.status = 200
             self._relay(origin.conn.sock, origin.reader.buffered)

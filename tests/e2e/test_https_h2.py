@@ -217,3 +217,21 @@ def test_h2_denied_stream_is_403_and_the_connection_lives(make_appliance, origin
     other = make_appliance(rules='[[rule]]\nname = "not-echo"\naction = "deny"\ndst = ["127.0.0.1/32"]\n')
     result = node(other, "get", origin=origin.split("//")[1])
     assert result["status"] == 403 and "not-echo" in result["body"]
+
+
+def test_h2_drain_sends_goaway_and_finishes_streams_in_flight(make_appliance, origin):
+    """SIGTERM: GOAWAY to HTTP/2 clients, no new streams, and the streams in flight complete."""
+    import threading
+    app = make_appliance()
+    result = {}
+
+    def slow():
+        result.update(node(app, "get", origin=origin.split("//")[1], path="/slow?s=1.5"))
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.7)                                # the stream is in flight at the origin
+    assert app.stop() == 0
+    t.join(20)
+    assert result.get("status") == 200, result
+    assert result["body"] == "slow\n"

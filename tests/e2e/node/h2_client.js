@@ -12,7 +12,10 @@ const opts = JSON.parse(process.argv[2]);
 const ca = fs.readFileSync(opts.ca);
 const deadline = setTimeout(() => { finish({ error: 'timeout' }); }, (opts.timeout || 20) * 1000);
 
+let finished = false;
 function finish(result) {
+  if (finished) return;            // the first outcome counts; late errors from closing do not
+  finished = true;
   clearTimeout(deadline);
   // exit only once the line is out: writes to a pipe are asynchronous in Node
   process.stdout.write(JSON.stringify(result) + '\n', () => process.exit(result.error ? 1 : 0));
