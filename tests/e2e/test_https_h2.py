@@ -235,3 +235,29 @@ def test_h2_drain_sends_goaway_and_finishes_streams_in_flight(make_appliance, or
     t.join(20)
     assert result.get("status") == 200, result
     assert result["body"] == "slow\n"
+
+
+def test_tunnel_inside_tls_closes_cleanly_when_the_origin_closes_first(app):
+    """TLS toward the client cannot half-close: the origin's FIN ends the tunnel, after every
+    byte it sent has arrived, as TLS records (never as plain bytes on the TLS connection)."""
+    from .test_connect_and_websocket import _HalfCloseOrigin
+    origin = _HalfCloseOrigin("server-first")
+    context = ssl.create_default_context(cafile=str(app.ca_path))
+    context.set_alpn_protocols(["http/1.1"])
+    with socket.create_connection(("127.0.0.1", app.https_port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            data = b""
+            for _ in range(100):
+                try:
+                    chunk = tls.recv(65536)
+                except (ssl.SSLEOFError, ConnectionResetError):
+                    break
+                if not chunk:
+                    break
+                data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert rest == b"banner"
+    record = app.wait_record(lambda r: r["kind"] == "tunnel" and r["target"] == f"127.0.0.1:{origin.port}")
+    assert record["error"] is None and record["bytes_down"] >= len(b"banner")
