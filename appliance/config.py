@@ -29,6 +29,7 @@ from appliance.config_values import (
     Network,
     access_log,
     address,
+    authority,
     boolean,
     choice,
     destination,
@@ -118,6 +119,8 @@ class UpstreamSection:
     pool_max_idle_per_host: int = 8
     pool_max_idle: int = 256
     pool_idle_timeout: float = 30.0
+    # origins that speak HTTP/2 with RFC 8441: WebSocket upgrades to them go as extended CONNECT
+    h2_origins: tuple[str, ...] = ()
 
 
 PAC_BYPASS = ("localhost", "*.local", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
@@ -276,7 +279,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Convert]]] = {
         "ca_file": optional_path, "nameservers": _RESOLVERS,
         "connect_timeout": seconds, "response_timeout": seconds,
         "pool_max_idle_per_host": integer(0, 10**5), "pool_max_idle": integer(0, 10**6),
-        "pool_idle_timeout": seconds,
+        "pool_idle_timeout": seconds, "h2_origins": each(authority),
     }),
     "pac": (PacSection, {
         "proxies": each(pac_proxy), "direct_fallback": boolean,

@@ -178,6 +178,21 @@ def address(default_port: int | None = None) -> Callable[[Any], Address]:
     return convert
 
 
+def authority(value: Any) -> str:
+    """"host:port" of a remote server: a DNS name or an IP literal ([v6] in brackets), port required."""
+    text = string(value)
+    host, port, bracketed = split_host_port(text, optional_port=False)
+    if port is None or not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        raise Invalid(f"{text!r}: write host:port, with a port from 1 to 65535")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if bracketed:
+            raise Invalid(f"{text!r}: brackets are for IPv6 addresses only") from None
+        return f"{domain(host, text)}:{int(port)}"
+    return f"[{ip}]:{int(port)}" if ip.version == 6 else f"{ip}:{int(port)}"
+
+
 def split_host_port(text: str, optional_port: bool) -> tuple[str, str | None, bool]:
     if text.startswith("["):
         host, closed, rest = text[1:].partition("]")

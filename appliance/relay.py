@@ -107,7 +107,12 @@ class _Failures(list):
             fn(*args)
         except _Closed:
             self.closed = True
-        except (_Idle, OSError, StreamGone) as exc:
+        except StreamGone as exc:
+            if exc.cancelled:
+                self.closed = True
+            elif not self.closed:
+                self.append(exc)
+        except (_Idle, OSError) as exc:
             if not self.closed:
                 self.append(exc)
 
@@ -235,7 +240,15 @@ class StreamSide:
 
 
 class StreamGone(Exception):
-    """The HTTP/2 stream was reset by the peer or ended with its connection."""
+    """The HTTP/2 stream was reset by the peer or ended with its connection.
+
+    `cancelled`: the peer reset it with CANCEL, which is how browsers close a CONNECT tunnel
+    they are done with (Chromium never sends END_STREAM on one): an end, not a failure.
+    """
+
+    def __init__(self, cancelled: bool = False) -> None:
+        super().__init__("stream cancelled" if cancelled else "stream reset")
+        self.cancelled = cancelled
 
 
 def _stream_to_socket(stream: StreamSide, sock: socket.socket, activity: _Activity, flow: _Flow) -> None:

@@ -53,6 +53,13 @@ FLOOD_WINDOW = 10.0
 MAX_RESETS = 200
 MAX_PINGS = 100
 MAX_SETTINGS = 100
+# An unfinished header block (HEADERS, then CONTINUATION without END_HEADERS, CVE-2024-27316 and
+# kin) is held whole until it ends. An HPACK field is never sent in more than 4 times its
+# decoded size (name + value + 32; Huffman codes are at most 30 bits an octet), so a block over
+# this many times MAX_HEADER_LIST_SIZE can only end over the limit: refuse it before it ends.
+# h2 itself stops a block only at 64 frames, up to 64 × 16 KiB.
+MAX_BLOCK_INFLATION = 4
+GOAWAY_HANDOFF_TRIES = 500           # × 1 ms: how long `goaway` waits for the writer to take it
 _EXPECTED = (PolicyDenied, UpstreamError, RemoteProtocolError, LocalProtocolError)
 
 
@@ -87,6 +94,7 @@ class H2Stream(relay.StreamSide):
             self.inbox.put(b"")
         self.window_open = Event()
         self.gone = False
+        self.reset_code: int | None = None
         self.trailers: tuple = ()
         self.headers_sent = False
 
@@ -95,7 +103,7 @@ class H2Stream(relay.StreamSide):
     def read(self) -> bytes:
         item = self.inbox.get()
         if item is None:
-            raise relay.StreamGone()
+            raise relay.StreamGone(self.reset_code == h2.errors.ErrorCodes.CANCEL)
         return item
 
     def ack(self, n: int) -> None:
@@ -136,7 +144,8 @@ class H2Stream(relay.StreamSide):
 
     # events from the connection greenlet
 
-    def closed_by_peer(self) -> None:
+    def closed_by_peer(self, code: int | None = None) -> None:
+        self.reset_code = code
         self.gone = True
         self.inbox.put(None)
         self.window_open.set()
@@ -249,6 +258,12 @@ class H2Session:
             self.ctx.observer.connection_closed(self.listener)
 
     def _read_loop(self, idle_timeout: float) -> None:
+        max_list = self.config.limits.max_header_bytes
+        # h2 enforces MAX_HEADER_LIST_SIZE in its HPACK decoder (an HPACK bomb ends in a
+        # DenialOfServiceError), but sets the decoder's limit only from a changed setting the
+        # client ACKs; settings given as `initial_values` never change, so without this the
+        # decoder kept h2's default (64 KiB) whatever we advertise.
+        self.conn.decoder.max_header_list_size = max_list
         while True:
             self.sock.settimeout(idle_timeout)
             try:
@@ -263,19 +278,34 @@ class H2Session:
             try:
                 events = self.conn.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
+                # h2 has queued a GOAWAY with the error code already (HPACK bomb: ENHANCE_YOUR_CALM,
+                # streams over MAX_CONCURRENT_STREAMS, 64 CONTINUATION frames: PROTOCOL_ERROR).
                 log.info("h2 client %s: protocol error, closing: %s", self.client_ip, exc)
-                self.goaway(getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR))
+                self.goaway(None)
                 return
             for event in events:
                 if self._dispatch(event) is False:
                     return
+            if self.conn.pending_header_block_bytes() > MAX_BLOCK_INFLATION * max_list:
+                return self._flood("CONTINUATION")
             self._wake.set()
             if self.closing and not self.streams:
                 return
 
     def goaway(self, code) -> None:
+        """Send GOAWAY(`code`), or with `code` None the one h2 queued on a protocol error."""
         self.closing = True
-        self.send(lambda c: c.close_connection(error_code=code))
+        if code is not None:
+            self.send(lambda c: c.close_connection(error_code=code))
+        self._wake.set()
+        # Let the writer take the GOAWAY before the read loop ends: `run` then wakes the writer
+        # once more to let it finish, and a writer that had not yet woken for the GOAWAY would
+        # use up that wake-up on it and sleep on until the join timeout (2 s), holding the
+        # connection of an abusive client open for nothing.
+        for _ in range(GOAWAY_HANDOFF_TRIES):
+            if not self._wake.is_set():
+                break
+            gevent.sleep(0.001)
         self._drained.wait()
 
     def drain(self) -> None:
@@ -303,7 +333,7 @@ class H2Session:
                 stream.trailers = tuple(event.headers)
         elif isinstance(event, E.StreamReset):
             if stream is not None:
-                stream.closed_by_peer()
+                stream.closed_by_peer(event.error_code)
             if self._floods["reset"].hit():
                 return self._flood("RST_STREAM")
         elif isinstance(event, E.WindowUpdated):

@@ -63,6 +63,12 @@ class TlsSession:
         self.sock.settimeout(self.ctx.config.limits.client_idle_timeout)   # handshake deadline
         try:
             tls = self.context.wrap_socket(self.sock, server_side=True)
+        except ssl.SSLEOFError:
+            # Closed before or during the ClientHello: a browser's unused preconnect, not an
+            # error worth a log line per connection.
+            log.debug("TLS connection from %s closed during the handshake", self.address[0])
+            self.sock.close()
+            return
         except (OSError, ValueError) as exc:
             self._handshake_failed(exc)
             return

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,45 @@ def ws_origin(tmp_path_factory):
     port = free_port()
     proc = Process([sys.executable, str(HERE / "ws_origin.py"), str(port)],
                    tmp_path_factory.mktemp("ws") / "ws.out")
+    try:
+        wait_for_port("127.0.0.1", port)
+        yield port
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def origin_tls(tmp_path_factory):
+    """A CA of the tests' own and a certificate for localhost/127.0.0.1 from it, for TLS origins."""
+    from certs.authority import CertificateAuthority
+    from certs.leaf import issue_files
+    now = datetime.now(timezone.utc)
+    root = tmp_path_factory.mktemp("origin-ca")
+    ca = CertificateAuthority.load_or_create(root, now, common_name="Test Origin CA")
+    cert, key = issue_files(ca, ["localhost", "127.0.0.1"], root, "origin", now, 30)
+    return {"ca": ca.cert_path, "cert": cert, "key": key}
+
+
+@pytest.fixture(scope="session")
+def tls_origin(tmp_path_factory, origin_tls):
+    """The same WSGI test origin, speaking TLS."""
+    port = free_port()
+    proc = Process([sys.executable, str(HERE / "origin.py"), str(port), "127.0.0.1",
+                    str(origin_tls["cert"]), str(origin_tls["key"])],
+                   tmp_path_factory.mktemp("tls-origin") / "out.log")
+    try:
+        wait_for_port("127.0.0.1", port)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def wss_origin(tmp_path_factory, origin_tls):
+    port = free_port()
+    proc = Process([sys.executable, str(HERE / "ws_origin.py"), str(port),
+                    str(origin_tls["cert"]), str(origin_tls["key"])],
+                   tmp_path_factory.mktemp("wss") / "out.log")
     try:
         wait_for_port("127.0.0.1", port)
         yield port
