@@ -289,8 +289,9 @@ def _socket_to_stream(sock: socket.socket, stream: StreamSide, activity: _Activi
 
 
 def stream_pipe(stream: StreamSide, sock: socket.socket, idle_timeout: float,
-                first_down: bytes = b"") -> RelayResult:
-    """Relay an HTTP/2 stream and a socket until both directions end.
+                socket_first: bytes = b"") -> RelayResult:
+    """Relay an HTTP/2 stream and a socket until both directions end; `socket_first` are bytes
+    already read from the socket (past a handshake), sent on the stream first.
 
     A reset stream resets the TCP connection (RST, via linger 0) and a failed socket resets the
     stream, so neither side mistakes an abort for a clean end.
@@ -300,7 +301,7 @@ def stream_pipe(stream: StreamSide, sock: socket.socket, idle_timeout: float,
     up, down, failures = _Flow(), _Flow(), _Failures()
     upward = gevent.spawn(failures.run, _stream_to_socket, stream, sock, activity, up)
     upward.link(_abort_on_failure(failures, sock))
-    failures.run(_socket_to_stream, sock, stream, activity, first_down, down)
+    failures.run(_socket_to_stream, sock, stream, activity, socket_first, down)
     if failures.over:
         upward.kill()
     upward.join()

@@ -54,9 +54,10 @@ def test_shipped_config_loads_with_loopback_listeners():
     assert config.appliance.state_dir == REPO / "var"
     assert config.listen.http == (Address("127.0.0.1", 3128),)
     assert config.listen.admin == (Address("127.0.0.1", 9090),)
+    assert config.listen.https == (Address("127.0.0.1", 8443),)
     # Not in this version yet: present in the file, but commented out.
     listen = config.listen
-    assert listen.https == listen.socks5 == listen.pac == listen.dns == ()
+    assert listen.socks5 == listen.pac == listen.dns == ()
     assert listen.transparent_http == listen.transparent_tls == ()
     for field in dataclasses.fields(listen):
         assert all(ipaddress.ip_address(a.host).is_loopback for a in getattr(listen, field.name))

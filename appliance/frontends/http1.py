@@ -13,6 +13,7 @@ its bytes can no longer be trusted to be at a message boundary.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 from gevent import socket
@@ -24,6 +25,8 @@ from ..observe import AccessRecord
 from ..origin_request import OriginRequest
 from ..policy import Intent, decide, needs_addresses
 from ..protocols import forwarding as fwd
+from ..protocols import websocket_bridge
+from ..protocols.h2_mapping import h2_via
 from ..protocols.http1 import (
     ChunkedDecoder, CloseDecoder, Headers, LocalProtocolError, RemoteProtocolError, RequestHead,
     ResponseHead, body_decoder, chunk_header, header_value, last_chunk, parse_request_head,
@@ -31,9 +34,11 @@ from ..protocols.http1 import (
 )
 from ..reader import SocketReader, send
 from ..upstream import connect
+from ..upstream_h2 import H2Tunnel
 
 log = logging.getLogger("appliance.http1")
 
+REFUSAL_BODY_LIMIT = 64 * 1024
 _EXPECTED = (PolicyDenied, UpstreamError, RemoteProtocolError, LocalProtocolError)
 
 
@@ -215,6 +220,8 @@ class Http1Session:
         websocket = fwd.is_websocket_upgrade(head.method, head.headers)
         record.kind = "websocket" if websocket else "request"
         self.authorize(record.kind, target.host, target.port, target.scheme, head.method, record)
+        if websocket and target.hostport in self.config.upstream.h2_origins:
+            return self.websocket_over_h2(head, target, record)
         headers = fwd.origin_request_headers(head.headers, target, head.version, self.pseudonym,
                                              upgrade=websocket)
         if framing.kind == "chunked":
@@ -224,6 +231,64 @@ class Http1Session:
         upstream_head = serialize_head(request_line(head.method, target.path), headers)
         exchange = OriginExchange(self, head, record, target, upstream_head, framing)
         return exchange.run(websocket)
+
+
+    # --- WebSocket toward an HTTP/2 origin (RFC 8441) --------------------------------------
+
+    def websocket_over_h2(self, head: RequestHead, target: fwd.Target, record: AccessRecord) -> bool:
+        """The client's Upgrade becomes an extended CONNECT; its 101 comes from us, with the
+        accept value for its own key, once the origin has opened the stream with 200."""
+        key = websocket_bridge.client_key(head.headers)
+        block = websocket_bridge.extended_connect_block(target, head.headers, self.pseudonym)
+        upstream = self.config.upstream
+        tunnel, status, headers = H2Tunnel.open(self.ctx.resolver, target, block,
+                                                upstream.connect_timeout, upstream.response_timeout)
+        record.upstream = tunnel.sock.getpeername()[0]
+        try:
+            if status != 200:
+                return self._h2_refusal(tunnel, status, headers, record)
+            reply = serialize_head(status_line(101, "Switching Protocols"),
+                                   websocket_bridge.switch_response_headers(key, headers)
+                                   + (("Via", h2_via(self.pseudonym)),))
+            self.client.sendall(reply)
+            record.status = 101
+            record.bytes_up = self.client.received - len(self.client.buffered)
+            result = relay.stream_pipe(tunnel, self.sock, self.limits.tunnel_idle_timeout,
+                                       socket_first=self._take_buffered())
+            record.bytes_up += result.b_to_a
+            record.bytes_down += len(reply) + result.a_to_b
+            record.error = result.error
+            return False
+        finally:
+            tunnel.close()
+
+    def _h2_refusal(self, tunnel: H2Tunnel, status: int, headers, record: AccessRecord) -> bool:
+        """The origin did not open the tunnel: its answer goes to the client as a response, with
+        a Content-Length when the body is short (WebSocket clients seldom read chunked refusals)."""
+        record.status = status
+        fields = fwd.strip_hop_by_hop(headers) + (("Connection", "close"), ("Via", h2_via(self.pseudonym)))
+        pieces, size, body = [], 0, tunnel.body()
+        try:
+            for piece in body:
+                pieces.append(piece)
+                size += len(piece)
+                if size > REFUSAL_BODY_LIMIT:
+                    break
+            else:
+                payload = b"".join(pieces)
+                fields = tuple((k, v) for k, v in fields if k.lower() != "content-length")
+                self.client.sendall(serialize_head(status_line(status, ""), fields + (
+                    ("Content-Length", str(len(payload))),)) + payload)
+                record.bytes_down += len(payload)
+                return False
+            self.client.sendall(serialize_head(status_line(status, ""), fields + (("Transfer-Encoding", "chunked"),)))
+            for piece in itertools.chain(pieces, body):
+                self.client.sendall(chunk_header(len(piece)) + piece + b"\r\n")
+                record.bytes_down += len(piece)
+            self.client.sendall(last_chunk())
+        except relay.StreamGone:
+            pass                                   # the body ends short: the client sees it
+        return False
 
 
 class OriginExchange:
