@@ -220,3 +220,34 @@ def test_tunnel_inside_tls_closes_cleanly_when_the_origin_closes_first(app):
     assert rest == b"banner"
     record = app.wait_record(lambda r: r["kind"] == "tunnel" and r["target"] == f"127.0.0.1:{origin.port}")
     assert record["error"] is None and record["bytes_down"] >= len(b"banner")
+
+
+def test_h2_response_trailers_and_hop_by_hop_fields(app):
+    """An origin's chunked body with trailers reaches the HTTP/2 client as a trailing HEADERS
+    frame; connection-specific fields do not cross into HTTP/2 (RFC 9113 §8.2.2)."""
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+
+    def serve():
+        conn, _ = srv.accept()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive, X-Hop\r\n"
+                     b"X-Hop: 1\r\nKeep-Alive: timeout=5\r\nTrailer: X-Sum\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\nX-Sum: 42\r\n\r\n")
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    result = node(app, "get", origin=f"127.0.0.1:{port}", path="/t")
+    t.join(10)
+    srv.close()
+    assert result["status"] == 200 and result["body"] == "hello"
+    assert result["trailers"] == {"x-sum": "42"}
+    names = set(result["headers"])
+    assert not names & {"x-hop", "keep-alive", "connection", "transfer-encoding"}
+    assert result["headers"]["trailer"] == "X-Sum"

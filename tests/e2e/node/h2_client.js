@@ -38,9 +38,11 @@ function get(session, path, body) {
     const headers = { ':method': body ? 'POST' : 'GET', ':scheme': 'http', ':authority': opts.origin, ':path': path };
     const req = session.request(headers, { endStream: !body });
     let response = null;
+    let trailers = null;
     req.on('response', (h) => { response = h; });
+    req.on('trailers', (t) => { trailers = t; });
     req.on('error', reject);
-    collect(req, (data) => resolve({ status: response[':status'], headers: response, body: data }));
+    collect(req, (data) => resolve({ status: response[':status'], headers: response, body: data, trailers }));
     if (body) req.end(body);
   });
 }
@@ -78,7 +80,8 @@ const modes = {
     const session = connect();
     const r = await get(session, opts.path || '/echo');
     session.close();
-    finish({ status: r.status, via: r.headers.via, body: r.body.toString(), alpn: session.alpnProtocol });
+    finish({ status: r.status, via: r.headers.via, body: r.body.toString(), alpn: session.alpnProtocol,
+             trailers: r.trailers, headers: r.headers });
   },
   async parallel() {
     const session = connect();
