@@ -17,7 +17,7 @@ from .http1 import Headers, RemoteProtocolError, connection_tokens, header_value
 # clients still send (RFC 9112 §9.6 / Appendix C.2.2).
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade",
-    "proxy-authenticate", "proxy-authorization", "trailer",
+    "proxy-authenticate", "proxy-authorization",
 })
 
 # Connection may name only hop-by-hop fields; if it names these, the body would reach the next

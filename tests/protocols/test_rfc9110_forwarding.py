@@ -171,7 +171,8 @@ def test_s7_6_1_hop_by_hop_fields_are_removed():
         ("Upgrade", "h2c"), ("Proxy-Authorization", "Basic eDp5"), ("Proxy-Authenticate", "Basic"),
         ("Trailer", "Checksum"), ("Accept", "*/*"), ("Content-Length", "3"),
     )
-    assert strip_hop_by_hop(headers) == (("Host", "a"), ("Accept", "*/*"), ("Content-Length", "3"))
+    assert strip_hop_by_hop(headers) == (("Host", "a"), ("Trailer", "Checksum"), ("Accept", "*/*"),
+                                         ("Content-Length", "3"))
 
 
 def test_s7_6_1_hop_by_hop_names_match_case_insensitively():
@@ -199,7 +200,9 @@ def test_s7_6_1_keep_spares_a_field():
 
 def test_s7_6_1_every_standard_hop_by_hop_field_is_listed():
     assert {"connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade",
-            "proxy-authenticate", "proxy-authorization", "trailer"} <= HOP_BY_HOP
+            "proxy-authenticate", "proxy-authorization"} <= HOP_BY_HOP
+    # Trailer announces end-to-end trailer fields (RFC 9110 §6.6.2); the proxy forwards both.
+    assert "trailer" not in HOP_BY_HOP
 
 
 # --- RFC 9110 §7.6.3 Via --------------------------------------------------------------------

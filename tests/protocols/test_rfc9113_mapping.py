@@ -473,7 +473,7 @@ def test_s8_3_1_http1_head_host_first_and_via_last():
     method, path, headers = http1_request_head(req, ME, body_follows=True)
     assert (method, path) == ("POST", "/submit?x=1")
     assert headers == (("Host", "origin.example"), ("content-length", "3"),
-                       ("content-type", "text/plain"), ("via", "1.1 other"),
+                       ("content-type", "text/plain"), ("via", "1.1 other"), ("trailer", "x-sum"),
                        ("TE", "trailers"), ("Connection", "TE"), ("Via", f"2 {ME}"))
 
 
