@@ -41,7 +41,7 @@ __all__ = [
     "H2Request", "StreamError", "UpstreamHandshakeError", "DataLengthCheck",
     "parse_request_block", "parse_trailer_block", "http1_request_head", "h2_response_block",
     "h2_trailer_block", "h2_informational_allowed", "block_bytes", "h2_via",
-    "websocket_http1_request", "websocket_accept", "check_websocket_switch",
+    "websocket_http1_request", "websocket_accept", "is_websocket_key", "check_websocket_switch",
     "websocket_h2_response",
 ]
 
@@ -425,12 +425,16 @@ _WS_HANDSHAKE = frozenset({"host", "sec-websocket-key", "sec-websocket-accept",
                            "sec-websocket-version", "content-length"})
 
 
-def _check_key(key: str) -> None:
+def is_websocket_key(key: str) -> bool:
+    """A Sec-WebSocket-Key is 16 bytes in base64 (RFC 6455 §4.1, item 7)."""
     try:
-        raw = base64.b64decode(key.encode("ascii"), validate=True)
+        return len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
     except (binascii.Error, UnicodeEncodeError):
-        raw = b""
-    if len(raw) != 16:
+        return False
+
+
+def _check_key(key: str) -> None:
+    if not is_websocket_key(key):
         raise LocalProtocolError("Sec-WebSocket-Key must be 16 random bytes in base64")
 
 

@@ -10,12 +10,10 @@ are the same on both sides (RFC 8441 §5), so they are relayed unchanged.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 
 from .forwarding import Target, strip_hop_by_hop
-from .h2_mapping import websocket_accept
+from .h2_mapping import is_websocket_key, websocket_accept
 from .http1 import Headers, RemoteProtocolError, header_value
 
 # Fields of the RFC 6455 handshake that RFC 8441 replaces, or that HTTP/2 carries otherwise.
@@ -28,11 +26,7 @@ _NEGOTIATED = (("sec-websocket-protocol", "Sec-WebSocket-Protocol"),
 def client_key(headers: Headers) -> str:
     """The client's Sec-WebSocket-Key: 16 bytes in base64 (RFC 6455 §4.1, item 7)."""
     key = header_value(headers, "sec-websocket-key") or ""
-    try:
-        raw = base64.b64decode(key.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
-        raw = b""
-    if len(raw) != 16:
+    if not is_websocket_key(key):
         raise RemoteProtocolError("WebSocket handshake without a valid Sec-WebSocket-Key")
     return key
 

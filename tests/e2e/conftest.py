@@ -5,6 +5,7 @@ Every process a test starts is stopped by its PID; every wait is bounded in coun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -195,30 +196,31 @@ class Appliance:
         return self.proc.stop() if self.proc else 0
 
 
-@pytest.fixture(scope="session")
-def origin(tmp_path_factory):
-    """The gevent.pywsgi test origin (tests/e2e/origin.py) on a free loopback port."""
+@contextlib.contextmanager
+def serving(tmp_path_factory, script: str, *args: str):
+    """Run a test server script from this folder on a free loopback port; yields the port."""
     port = free_port()
-    proc = Process([sys.executable, str(HERE / "origin.py"), str(port)],
-                   tmp_path_factory.mktemp("origin") / "origin.out")
-    try:
-        wait_for_port("127.0.0.1", port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(scope="session")
-def ws_origin(tmp_path_factory):
-    """The `websockets` library's echo server on a free loopback port."""
-    port = free_port()
-    proc = Process([sys.executable, str(HERE / "ws_origin.py"), str(port)],
-                   tmp_path_factory.mktemp("ws") / "ws.out")
+    proc = Process([sys.executable, str(HERE / script), str(port), *args],
+                   tmp_path_factory.mktemp(script.split(".")[0]) / "out.log")
     try:
         wait_for_port("127.0.0.1", port)
         yield port
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def origin(tmp_path_factory):
+    """The gevent.pywsgi test origin (tests/e2e/origin.py) on a free loopback port."""
+    with serving(tmp_path_factory, "origin.py") as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def ws_origin(tmp_path_factory):
+    """The `websockets` library's echo server on a free loopback port."""
+    with serving(tmp_path_factory, "ws_origin.py") as port:
+        yield port
 
 
 @pytest.fixture(scope="session")
@@ -236,28 +238,23 @@ def origin_tls(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tls_origin(tmp_path_factory, origin_tls):
     """The same WSGI test origin, speaking TLS."""
-    port = free_port()
-    proc = Process([sys.executable, str(HERE / "origin.py"), str(port), "127.0.0.1",
-                    str(origin_tls["cert"]), str(origin_tls["key"])],
-                   tmp_path_factory.mktemp("tls-origin") / "out.log")
-    try:
-        wait_for_port("127.0.0.1", port)
+    with serving(tmp_path_factory, "origin.py", "127.0.0.1", str(origin_tls["cert"]),
+                 str(origin_tls["key"])) as port:
         yield f"127.0.0.1:{port}"
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="session")
 def wss_origin(tmp_path_factory, origin_tls):
-    port = free_port()
-    proc = Process([sys.executable, str(HERE / "ws_origin.py"), str(port),
-                    str(origin_tls["cert"]), str(origin_tls["key"])],
-                   tmp_path_factory.mktemp("wss") / "out.log")
-    try:
-        wait_for_port("127.0.0.1", port)
+    """The WebSocket echo server over TLS (wss://)."""
+    with serving(tmp_path_factory, "ws_origin.py", str(origin_tls["cert"]), str(origin_tls["key"])) as port:
         yield port
-    finally:
-        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def h2_ws_origin(tmp_path_factory):
+    """Hypercorn with a WebSocket echo app, HTTP/2 by prior knowledge (tests/e2e/h2_ws_origin.py)."""
+    with serving(tmp_path_factory, "h2_ws_origin.py") as port:
+        yield port
 
 
 @pytest.fixture(scope="module")

@@ -3,27 +3,10 @@ Upgrade into an RFC 8441 extended CONNECT ([upstream] h2_origins) and answers th
 
 from __future__ import annotations
 
-import sys
-
-import pytest
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 
-from .conftest import HERE, Process, free_port, wait_for_port
 from .test_connect_and_websocket import _WebsocketsSansIO
-
-
-@pytest.fixture(scope="module")
-def h2_ws_origin(tmp_path_factory):
-    """Hypercorn with a WebSocket echo app, HTTP/2 by prior knowledge."""
-    port = free_port()
-    proc = Process([sys.executable, str(HERE / "h2_ws_origin.py"), str(port)],
-                   tmp_path_factory.mktemp("hypercorn") / "out.log")
-    try:
-        wait_for_port("127.0.0.1", port)
-        yield port
-    finally:
-        proc.stop()
 
 
 def _texts(client, want: int) -> list[str]:
