@@ -12,7 +12,8 @@ class GoawayTolerantH2Connection(H2Connection):
     received, then rejects every later frame (including the DATA of streams the GOAWAY allowed to
     finish), and on a received GOAWAY also drops the frames it had queued for sending. After a
     graceful (NO_ERROR) GOAWAY, this keeps the state machine OPEN and the queue intact; the HTTP/2
-    frontend refuses new streams itself once a GOAWAY has gone either way.
+    frontend refuses new streams itself once a GOAWAY has gone either way. It also leaves the
+    content-length check to the frontend, so that a wrong length resets one stream only.
     """
 
     def _receive_goaway_frame(self, frame):
@@ -31,3 +32,32 @@ class GoawayTolerantH2Connection(H2Connection):
         super().close_connection(error_code, additional_data, last_stream_id)
         if error_code == 0 and state != ConnectionState.CLOSED:
             self.state_machine.state = state
+
+    def _begin_new_stream(self, stream_id, allowed_ids):
+        # RFC 9113 §8.1.1: a content-length that disagrees with the DATA makes the request
+        # malformed, a *stream* error. h2 (4.1 to 4.4) checks it in every version, whatever
+        # `validate_inbound_headers` says, by raising out of `receive_data`: a connection error
+        # that drops every other stream and the frames after it. The frontend checks the length
+        # itself (`h2_mapping.DataLengthCheck`) and resets only that stream, so h2's check is off.
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream._initialize_content_length = _content_length_left_to_frontend
+        stream._track_content_length = _data_length_left_to_frontend
+        return stream
+
+    def pending_header_block_bytes(self) -> int:
+        """Bytes of a header block whose END_HEADERS has not come yet (HEADERS + CONTINUATION).
+
+        h2 (4.1 to 4.4) holds these frames in its frame buffer's private `_headers_buffer` and
+        bounds only their number (64), so a block may grow to about 64 × MAX_FRAME_SIZE before h2
+        stops it. Should a later h2 rename the buffer, this says 0 and h2's own bound is left.
+        """
+        frames = getattr(self.incoming_buffer, "_headers_buffer", None) or ()
+        return sum(len(frame.data) for frame in frames)
+
+
+def _content_length_left_to_frontend(headers) -> None:
+    return None
+
+
+def _data_length_left_to_frontend(length, end_stream) -> None:
+    return None

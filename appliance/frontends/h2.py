@@ -287,7 +287,8 @@ class H2Session:
                 if self._dispatch(event) is False:
                     return
             if self.conn.pending_header_block_bytes() > MAX_BLOCK_INFLATION * max_list:
-                return self._flood("CONTINUATION")
+                self._flood("CONTINUATION")
+                return
             self._wake.set()
             if self.closing and not self.streams:
                 return
@@ -563,8 +564,8 @@ class H2Exchange:
         finally:
             sock.close()
 
-    def _relay(self, sock: socket.socket, first_down: bytes = b"") -> None:
-        result = relay.stream_pipe(self.stream, sock, self.s.config.limits.tunnel_idle_timeout, first_down)
+    def _relay(self, sock: socket.socket, socket_first: bytes = b"") -> None:
+        result = relay.stream_pipe(self.stream, sock, self.s.config.limits.tunnel_idle_timeout, socket_first)
         self.record.bytes_up += result.a_to_b
         self.record.bytes_down += result.b_to_a
         self.record.error = result.error
