@@ -23,11 +23,11 @@ from .protocols.http1 import (
     parse_response_head, response_framing, wants_keep_alive,
 )
 from .reader import SocketReader
-from .relay import shutdown_socket
+from .relay import StreamGone, shutdown_socket
 from .upstream import OriginConnection, connect, wrap_tls
 
 Upload = Callable[[socket.socket], None]
-_BODY_FAILURES = (ClientError, UpstreamError, RemoteProtocolError)
+_BODY_FAILURES = (ClientError, UpstreamError, RemoteProtocolError, StreamGone)
 
 
 class OriginRequest:

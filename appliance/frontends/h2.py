@@ -19,6 +19,7 @@ import time
 
 import gevent
 import h2.config
+import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -77,10 +78,6 @@ class _Flood:
             self.count, self.since = 0, now
         self.count += 1
         return self.count > self.limit
-
-
-class _ConnectionDone(Exception):
-    """Every stream has finished after a GOAWAY: the read loop stops."""
 
 
 class H2Stream(relay.StreamSide):
@@ -170,7 +167,6 @@ class H2Session:
         self._drained = Event()
         self._drained.set()
         self.closing = False
-        self._reader: gevent.Greenlet | None = None
         self._floods = {"reset": _Flood(MAX_RESETS), "ping": _Flood(MAX_PINGS),
                         "settings": _Flood(MAX_SETTINGS)}
 
@@ -181,6 +177,15 @@ class H2Session:
         try:
             action(self.conn)
         except (h2.exceptions.StreamClosedError, KeyError) as exc:   # KeyError: h2 4.1
+            if stream is not None:
+                stream.gone = True
+                raise relay.StreamGone() from exc
+            return
+        except h2.exceptions.ProtocolError as exc:
+            # After an error GOAWAY the connection is closed for every frame: the streams still
+            # running are gone with it.
+            if self.conn.state_machine.state != h2.connection.ConnectionState.CLOSED:
+                raise
             if stream is not None:
                 stream.gone = True
                 raise relay.StreamGone() from exc
@@ -238,11 +243,8 @@ class H2Session:
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._wake.set()
         writer = gevent.spawn(self._writer)
-        self._reader = gevent.getcurrent()
         try:
             self._read_loop(limits.client_idle_timeout)
-        except _ConnectionDone:
-            pass
         except (ClientError, OSError) as exc:
             log.debug("h2 client %s: %s", self.client_ip, exc)
         finally:
@@ -375,18 +377,30 @@ class H2Session:
         task = gevent.spawn(self._serve_stream, stream, event.headers)
         self.tasks[event.stream_id] = task
 
+    def _credit_unread(self, stream: H2Stream) -> None:
+        """DATA a finished stream never read still counts against the connection's window:
+        give that credit back, or a few abandoned uploads would stall the whole connection."""
+        unread = 0
+        while not stream.inbox.empty():
+            item = stream.inbox.get_nowait()
+            unread += len(item) if item else 0
+        if unread:
+            self.ack(stream.id, unread)
+
     def _serve_stream(self, stream: H2Stream, block) -> None:
         record = AccessRecord(self.listener, self.client_ip, protocol="HTTP/2", connection=self.connection)
         try:
             H2Exchange(self, stream, record).run(block)
         finally:
+            self._credit_unread(stream)
             self.streams.pop(stream.id, None)
             self.tasks.pop(stream.id, None)
-            if self.closing and not self.streams and self._reader is not None:
+            if self.closing and not self.streams:
                 self._wake.set()
-                # Nothing left to serve after a GOAWAY: stop the read loop. (Not with shutdown():
-                # on a TLS socket that drops the TLS state, and the writer would send plain text.)
-                gevent.kill(self._reader, _ConnectionDone, block=False)
+                # Nothing left to serve after a GOAWAY: end the read loop by shutting the read
+                # side of the descriptor (not SSLSocket.shutdown, which drops the TLS state and
+                # would leave the writer sending plain text).
+                relay.shutdown_socket(self.sock, socket.SHUT_RD)
 
 
 class H2Exchange:
@@ -461,6 +475,8 @@ class H2Exchange:
         self.record.rule = decision.rule
         if decision.action == "deny":
             raise PolicyDenied(decision.rule)
+        if self.stream.gone:            # reset already (rapid reset): the origin never hears of it
+            raise relay.StreamGone()
 
     # --- plain requests ---------------------------------------------------------------------
 
