@@ -109,6 +109,38 @@ def tree_cpu_seconds(root_pid: int) -> float:
     return sum(table[p][1] for p in members) / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent on processes since boot, plus steal (/proc/stat).
+
+    user+nice+system+steal: irq and softirq time are left out, since the kernel charges the
+    softirq work of our own loopback traffic there and to no process.
+    """
+    user, nice, system, _idle, _iowait, _irq, _softirq, steal = (
+        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + steal) / CLK_TCK
+
+
+class OtherLoad:
+    """CPU used outside the bench's own process tree while a measurement runs.
+
+    The bench shares its 2 cores with whatever else runs on the machine; this tells how much
+    that was (in cores, averaged over the measurement), so that a number taken while another
+    job ran can be recognized. Kernel threads that carry our own loopback traffic
+    (ksoftirqd) count as "other" too, so a few hundredths of a core is normal; steal time
+    (the hypervisor running someone else) counts as well.
+    """
+
+    def __init__(self) -> None:
+        self._t0 = time.monotonic()
+        self._busy0 = machine_busy_seconds()
+        self._own0 = tree_cpu_seconds(os.getpid())
+
+    def cores(self) -> float:
+        elapsed = time.monotonic() - self._t0
+        other = (machine_busy_seconds() - self._busy0) - (tree_cpu_seconds(os.getpid()) - self._own0)
+        return round(max(0.0, other) / elapsed, 2) if elapsed > 0 else 0.0
+
+
 def port_is_free(port: int) -> bool:
     # SO_REUSEADDR as the servers use it: TIME_WAIT leftovers of an earlier
     # run do not count, while a listening socket still makes bind fail.

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from children import HOST, MiB, tool, tree_cpu_seconds
+from children import HOST, MiB, OtherLoad, tool, tree_cpu_seconds
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,12 @@ class Params:
     transfer_repeats: int         # each transfer runs this often; the median is reported
     transfer_deadline: float      # seconds allowed for one transfer
     start_deadline: float         # seconds allowed for a proxy to become ready
+    h2load_clients: int = 2       # TLS suite: h2load connections ...
+    h2load_streams: int = 25      # ... and concurrent streams on each (2 x 25 = wrk's 50)
+    tls_bytes: int = 0            # TLS suite: one CONNECT stream downloads this much
+    tls_parallel_bytes: int = 0   # TLS suite: tls_streams parallel CONNECTs share this much
+    tls_streams: int = 16
+    h2_max_frame_size: int = 16384   # SETTINGS_MAX_FRAME_SIZE the h2 CONNECT client advertises
 
 
 def read_response(s: socket.socket) -> tuple[int, bytes, bool]:
@@ -130,18 +136,26 @@ def parse_wrk(text: str) -> dict:
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     errors = [int(x) for x in m.groups()] if m else [0, 0, 0, 0]
     result.update(dict(zip(("err_connect", "err_read", "err_write", "err_timeout"), errors)))
+    m = re.search(r"^\s+Latency\s+([\d.]+)(us|ms|s)\s", text, re.M)
+    if m:
+        result["latency_mean_ms"] = round(float(m.group(1)) * _UNITS[m.group(2)], 3)
     for pct, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M):
         result[f"latency_p{pct}_ms"] = round(float(value) * _UNITS[unit], 3)
     return result
 
 
 def run_wrk(proxy_port: int | None, origin_port: int, params: Params, work: Path,
-            seconds: int, pid: int | None) -> dict:
+            seconds: int, pid: int | None, scheme: str = "http") -> dict:
+    """wrk at the origin (proxy_port None) or at a proxy port with absolute-form requests.
+
+    scheme "https": wrk speaks TLS to that port (no ALPN, so HTTP/1.1; no certificate check),
+    while the requests stay `GET http://origin/small`.
+    """
     origin = f"{HOST}:{origin_port}"
     if proxy_port is None:
-        url, path = f"http://{origin}/", "/small"
+        url, path = f"{scheme}://{origin}/", "/small"
     else:
-        url, path = f"http://{HOST}:{proxy_port}/", f"http://{origin}/small"
+        url, path = f"{scheme}://{HOST}:{proxy_port}/", f"http://{origin}/small"
     script = write_wrk_script(work, path, origin)
     argv = [tool("wrk") or "wrk", f"-t{params.wrk_threads}", f"-c{params.wrk_connections}", f"-d{seconds}s",
             "--timeout", "5s", "--latency", "-s", str(script), url]
@@ -259,15 +273,19 @@ def measure(name: str, proxy_port: int | None, pid: int | None, ports: dict,
             run_wrk(proxy_port, ports["origin"], params, work, params.warmup_seconds, None)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             print(f"  {name}: warm-up failed: {exc}")
+    other = OtherLoad()
     try:
         out["small"] = run_wrk(proxy_port, ports["origin"], params, work, params.wrk_seconds, pid)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         out["small"] = {"ok": False, "error": str(exc)}
+    out["small"]["other_cpu_cores"] = other.cores()
     s = out["small"]
     print(f"  {name}: small objects: " + (f"{s['requests_per_s']:.0f} req/s" if s.get("ok")
                                           else f"FAILED ({s.get('error')})"))
     for direction, nbytes in (("download", params.download_bytes), ("upload", params.upload_bytes)):
+        other = OtherLoad()
         r = repeated_transfer(direction, proxy_port, ports["bulk"], nbytes, params, pid)
+        r["other_cpu_cores"] = other.cores()
         out[direction] = r
         cpu = f", {r['cpu_s_per_gb']} CPU-s/GB" if "cpu_s_per_gb" in r else ""
         print(f"  {name}: CONNECT {direction}: " + (f"{r['mb_per_s']} MB/s{cpu}" if r["ok"]

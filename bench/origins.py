@@ -74,7 +74,23 @@ def serve_bulk(port: int) -> None:
         threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
 
-def start_origin(work: Path, port: int) -> Child:
+def tls_server_block(www: Path, tls: tuple[int, Path, Path] | None) -> str:
+    """nginx's own TLS port (h2 and HTTP/1.1): the TLS suite's direct baseline."""
+    if tls is None:
+        return ""
+    port, cert, key = tls
+    return f"""
+    server {{
+        listen {HOST}:{port} ssl http2 backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        root {www};
+        location = /small {{ }}
+    }}"""
+
+
+def start_origin(work: Path, port: int, tls: tuple[int, Path, Path] | None = None) -> Child:
+    """nginx serving /small on port, and over TLS on tls = (port, cert, key) if given."""
     www = work / "www"
     www.mkdir()
     (www / "small").write_bytes(b"o" * SMALL_SIZE)
@@ -99,7 +115,7 @@ http {{
         listen {HOST}:{port} backlog=4096;
         root {www};
         location = /small {{ }}
-    }}
+    }}{tls_server_block(www, tls)}
 }}
 """)
     child = Child("nginx", [tool("nginx") or "nginx", "-p", str(work),
@@ -110,7 +126,10 @@ http {{
         status, body = http_get(port, "/small", f"{HOST}:{port}")
         return status == 200 and len(body) == SMALL_SIZE
     wait_until(ready, 10.0, child, "origin nginx")
-    print(f"origin: nginx pid {child.pid} serving {target} ({SMALL_SIZE} bytes)")
+    if tls:
+        wait_until(lambda: listening(tls[0]), 10.0, child, "origin nginx TLS port")
+    also = f" and https://{HOST}:{tls[0]}/small (h2, HTTP/1.1)" if tls else ""
+    print(f"origin: nginx pid {child.pid} serving {target}{also} ({SMALL_SIZE} bytes)")
     return child
 
 

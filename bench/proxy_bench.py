@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Benchmark the appliance's explicit HTTP/1.1 proxy against squid and tinyproxy.
+"""Benchmark the appliance's explicit proxy against squid and tinyproxy.
 
 Sits outside the data path: it starts an origin (nginx for small objects, a
 stdlib "bulk" TCP server for CONNECT throughput), then each proxy in turn with
 its own temporary config and state, drives it with the same load, stops it by
-PID, and reports absolute numbers and the ratios appliance/squid and
-appliance/tinyproxy. A direct (no proxy) baseline is measured too.
+PID, and reports absolute numbers and ratios. Two suites: "plain" (the
+explicit HTTP/1.1 proxy on TCP: appliance/squid, appliance/tinyproxy) and
+"tls" (the proxy's TLS port: the appliance over HTTP/2 and over HTTP/1.1 in
+TLS, squid's https_port). A direct (no proxy) baseline is measured for both.
 
 Loopback only: every socket here is bound to or connects to 127.0.0.1. Every
 loop is bounded in count and time, and every process started is stopped by
@@ -27,85 +29,35 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import report
 from children import MiB, Child, StartFailed, pick_port, tool
 from load import Params, measure
 from origins import start_bulk, start_origin
-from peers import start_proxy
+from peers import TLS_CAPABLE, start_proxy
+from tls_load import make_certificate, measure_tls, start_ceiling
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROXIES = ("appliance", "squid", "tinyproxy")
 TARGETS = ("direct",) + PROXIES
+SUITES = ("plain", "tls")
+SUITE_ALIASES = {"h2": "tls", "h1": "plain"}
 
 
 def make_params(args: argparse.Namespace) -> Params:
     if args.quick:
         base = dict(wrk_seconds=2, warmup_seconds=0, download_bytes=256 * MiB,
-                    upload_bytes=256 * MiB, transfer_repeats=1, transfer_deadline=20.0)
+                    upload_bytes=256 * MiB, transfer_repeats=1, transfer_deadline=20.0,
+                    tls_bytes=256 * MiB, tls_parallel_bytes=256 * MiB)
     else:
         base = dict(wrk_seconds=10, warmup_seconds=2, download_bytes=2048 * MiB,
-                    upload_bytes=1024 * MiB, transfer_repeats=3, transfer_deadline=40.0)
+                    upload_bytes=1024 * MiB, transfer_repeats=3, transfer_deadline=40.0,
+                    tls_bytes=1024 * MiB, tls_parallel_bytes=1024 * MiB)
     if args.duration:
         base["wrk_seconds"] = args.duration
     return Params(quick=args.quick, wrk_threads=args.threads,
-                  wrk_connections=args.connections, start_deadline=20.0, **base)
-
-
-METRICS = [
-    # (label, section, key, higher_is_better, format)
-    ("small objects, req/s", "small", "requests_per_s", True, "{:.0f}"),
-    ("  latency p50, ms", "small", "latency_p50_ms", False, "{:.2f}"),
-    ("  latency p99, ms", "small", "latency_p99_ms", False, "{:.2f}"),
-    ("  proxy CPU-us/request", "small", "cpu_us_per_request", False, "{:.1f}"),
-    ("CONNECT download, MB/s", "download", "mb_per_s", True, "{:.0f}"),
-    ("  proxy CPU-s per GB", "download", "cpu_s_per_gb", False, "{:.3f}"),
-    ("CONNECT upload, MB/s", "upload", "mb_per_s", True, "{:.0f}"),
-    ("  proxy CPU-s per GB", "upload", "cpu_s_per_gb", False, "{:.3f}"),
-]
-
-
-def metric_value(results: dict, target: str, section: str, key: str):
-    sec = results.get(target, {}).get(section)
-    if not sec or not sec.get("ok"):
-        return None
-    return sec.get(key)
-
-
-def compute_ratios(results: dict) -> dict:
-    ratios: dict = {}
-    for label, section, key, _, _ in METRICS:
-        a = metric_value(results, "appliance", section, key)
-        for peer in ("squid", "tinyproxy"):
-            b = metric_value(results, peer, section, key)
-            ratios.setdefault(f"appliance/{peer}", {})[f"{section}.{key}"] = (
-                round(a / b, 3) if a is not None and b else None)
-    return ratios
-
-
-def print_table(results: dict, ratios: dict, skipped: dict) -> None:
-    cols = list(TARGETS) + ["app/squid", "app/tiny"]
-    width = 12
-    print()
-    print(f"{'metric':<26}" + "".join(f"{c:>{width}}" for c in cols))
-    print("-" * (26 + width * len(cols)))
-    for label, section, key, _, fmt in METRICS:
-        row = f"{label:<26}"
-        for t in TARGETS:
-            v = metric_value(results, t, section, key)
-            cell = fmt.format(v) if v is not None else ("skip" if t in skipped else "-")
-            row += f"{cell:>{width}}"
-        for peer in ("squid", "tinyproxy"):
-            r = ratios[f"appliance/{peer}"].get(f"{section}.{key}")
-            row += f"{(f'{r:.2f}x' if r is not None else '-'):>{width}}"
-        print(row)
-    print()
-    print("Ratios are appliance/peer: above 1 is better for req/s and MB/s; "
-          "below 1 is better for latency and CPU.")
-    closers = [t for t in TARGETS if results.get(t, {}).get("client_keepalive") is False]
-    if closers:
-        print(f"No client keep-alive (one TCP connection per request): {', '.join(closers)}.")
-    for name, why in skipped.items():
-        lines = why.strip().splitlines() or [""]
-        print(f"skipped {name}: {lines[0]}" + (f" ... {lines[-1]}" if len(lines) > 1 else ""))
+                  wrk_connections=args.connections, start_deadline=20.0,
+                  h2load_clients=args.h2_clients, h2load_streams=args.h2_streams,
+                  tls_streams=args.tls_streams, h2_max_frame_size=args.h2_frame_size, **base)
 
 
 def tool_versions(python: str) -> dict:
@@ -121,6 +73,8 @@ def tool_versions(python: str) -> dict:
         "tinyproxy": first_line([tool("tinyproxy") or "tinyproxy", "-v"]),
         "nginx": first_line([tool("nginx") or "nginx", "-v"]),
         "wrk": first_line([tool("wrk") or "wrk", "-v"]),
+        "h2load": first_line([tool("h2load") or "h2load", "--version"]),
+        "node": first_line([tool("node") or "node", "--version"]),
         "python": first_line([python, "-VV"]),
     }
 
@@ -129,19 +83,82 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke mode: 2 s wrk, 256 MiB transfers")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help=f"run only these ({', '.join(TARGETS)}); repeat or comma-separate")
+                   help=f"run only these targets ({', '.join(TARGETS)}) and/or suites "
+                        f"(plain, tls; h2 = tls); repeat or comma-separate")
     p.add_argument("--duration", type=int, help="wrk seconds per proxy (default 10, quick 2)")
     p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     p.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    p.add_argument("--h2-clients", type=int, default=2,
+                   help="TLS suite: h2load connections (default 2)")
+    p.add_argument("--h2-streams", type=int, default=25,
+                   help="TLS suite: concurrent streams per h2load connection (default 25)")
+    p.add_argument("--tls-streams", type=int, default=16,
+                   help="TLS suite: parallel CONNECT streams (default 16)")
+    p.add_argument("--h2-frame-size", type=int, default=16384,
+                   help="TLS suite: SETTINGS_MAX_FRAME_SIZE of the h2 CONNECT client "
+                        "(default 16384, what browsers keep; at most 16777215)")
     p.add_argument("--json", type=Path, help="where to write results (default bench/results/)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary work dir")
     args = p.parse_args(argv)
     names = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
-    unknown = [n for n in names if n not in TARGETS]
+    names = [SUITE_ALIASES.get(n, n) for n in names]
+    unknown = [n for n in names if n not in TARGETS + SUITES]
     if unknown:
-        p.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
-    args.targets = [t for t in TARGETS if not names or t in names]
+        p.error(f"--only: unknown {', '.join(unknown)}; choose from "
+                f"{', '.join(TARGETS + SUITES)} (h2 = tls)")
+    targets = [n for n in names if n in TARGETS]
+    args.suites = [s for s in SUITES if s in names] or list(SUITES)
+    args.targets = [t for t in TARGETS if not targets or t in targets]
+    if args.suites == ["tls"]:   # tinyproxy offers no TLS to its clients
+        args.targets = [t for t in args.targets if t == "direct" or t in TLS_CAPABLE]
+    if not args.targets:
+        p.error("--only: nothing to run (tinyproxy has no TLS suite)")
     return args
+
+
+def measure_direct(args, params: Params, root: Path, ports: dict, taken: set[int],
+                   cert: tuple[Path, Path] | None) -> dict:
+    """No proxy: the same load straight at the origins; for TLS, at nginx's TLS port and at
+    the Node ceiling server (the CONNECT clients' own limit)."""
+    out: dict = {}
+    print("direct: no proxy")
+    if "plain" in args.suites:
+        out = measure("direct", None, None, ports, params, root)
+    if "tls" in args.suites and cert:
+        ceiling_ports = (pick_port(27443, taken), pick_port(27543, taken))
+        ceiling = start_ceiling(root, *ceiling_ports, *cert)
+        try:
+            for kind, suite, tport in (("h2", "tls_h2", ceiling_ports[0]),
+                                       ("h1", "tls_h1", ceiling_ports[1])):
+                out[suite] = measure_tls("direct", kind, ports["origin_tls"], cert[0], None,
+                                         ports, params, root, throughput_port=tport)
+        finally:
+            ceiling.stop()
+    return out
+
+
+def measure_proxy(name: str, args, params: Params, root: Path, ports: dict, taken: set[int],
+                  cert: tuple[Path, Path] | None, python: str, children: list[Child]) -> dict:
+    """Start one proxy (raises StartFailed), run the suites on it, stop it by PID."""
+    want_tls = "tls" in args.suites and name in TLS_CAPABLE and cert is not None
+    child, port, tls = start_proxy(name, root, ports, taken, params, python,
+                                   cert if want_tls else None)
+    children.append(child)
+    out: dict = {}
+    try:
+        if "plain" in args.suites:
+            out = measure(name, port, child.pid, ports, params, root)
+        if tls:
+            kinds = (("h2", "tls_h2"), ("h1", "tls_h1")) if name == "appliance" else (("h1", "tls_h1"),)
+            for kind, suite in kinds:
+                out[suite] = measure_tls(name, kind, tls.port, tls.ca, child.pid, ports,
+                                         params, root)
+        if not child.alive():
+            out["exited"] = child.proc.returncode
+            print(f"  {name}: exited during the run:\n{child.output_tail()}")
+    finally:
+        child.stop()
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -150,6 +167,8 @@ def main(argv: list[str]) -> int:
     python = os.environ.get("PYTHON") or sys.executable
     missing = [t for t in ("wrk", "nginx") if not tool(t)]
     missing += [t for t in ("squid", "tinyproxy") if t in args.targets and not tool(t)]
+    if "tls" in args.suites:
+        missing += [t for t in ("h2load", "node") if not tool(t)]
     if missing:
         print(f"missing tools: {', '.join(missing)} (bench/run installs them)", file=sys.stderr)
         return 2
@@ -175,27 +194,23 @@ def main(argv: list[str]) -> int:
     try:
         origin_dir = root / "origin"
         origin_dir.mkdir(mode=0o755)
-        children.append(start_origin(origin_dir, ports["origin"]))
+        cert = None
+        if "tls" in args.suites:
+            cert = make_certificate(root)
+            ports["origin_tls"] = pick_port(28443, taken)
+        children.append(start_origin(origin_dir, ports["origin"],
+                                     (ports["origin_tls"], *cert) if cert else None))
         children.append(start_bulk(origin_dir, ports["bulk"], python))
         for name in args.targets:
             if name == "direct":
-                print("direct: no proxy")
-                results[name] = measure(name, None, None, ports, params, root)
+                results[name] = measure_direct(args, params, root, ports, taken, cert)
                 continue
             try:
-                child, port = start_proxy(name, root, ports, taken, params, python)
+                results[name] = measure_proxy(name, args, params, root, ports, taken, cert,
+                                              python, children)
             except (StartFailed, OSError) as exc:
                 skipped[name] = str(exc)
                 print(f"{name}: SKIPPED, did not start: {exc}")
-                continue
-            children.append(child)
-            try:
-                results[name] = measure(name, port, child.pid, ports, params, root)
-                if not child.alive():
-                    results[name]["exited"] = child.proc.returncode
-                    print(f"  {name}: exited during the run:\n{child.output_tail()}")
-            finally:
-                child.stop()
     except StartFailed as exc:
         print(f"bench: origin failed to start: {exc}", file=sys.stderr)
         return 1
@@ -207,12 +222,21 @@ def main(argv: list[str]) -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
 
-    ratios = compute_ratios(results)
-    print_table(results, ratios, skipped)
-    report = {
+    tables = []
+    if "plain" in args.suites:
+        tables.append(("plain", report.PLAIN))
+    if "tls" in args.suites:
+        tables.append(("tls", report.tls_table(params.tls_streams)))
+    ratios = {}
+    for suite, table in tables:
+        ratios[suite] = report.compute_ratios(results, table)
+        report.print_table(results, table, ratios[suite], skipped)
+    report.print_footer(results, skipped)
+    summary = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "elapsed_s": round(time.time() - started, 1),
         "params": asdict(params),
+        "suites": args.suites,
         "machine": {"nproc": os.cpu_count(), "kernel": platform.release(),
                     "loadavg_1m_before": round(load_before, 2),
                     "tools": tool_versions(python)},
@@ -222,8 +246,8 @@ def main(argv: list[str]) -> int:
     }
     out = args.json or BENCH_DIR / "results" / time.strftime("%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results: {out}  (total {report['elapsed_s']} s)")
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"results: {out}  (total {summary['elapsed_s']} s)")
     return 0
 
 
