@@ -1,4 +1,6 @@
-"""`appliance run | check-config | version`: the command line admins and systemd use.
+"""`appliance run | check-config | ca export | users ... | version`: the admins' command line.
+
+`users add | remove | list` (the proxy-auth users file) live in `users_cli.py`.
 
 `check-config` prints `FILE:LINE: key: what is wrong` for every problem and exits 1, like
 `nginx -t`; `run` refuses to start on the same errors.
@@ -11,7 +13,7 @@ import logging
 import os
 import sys
 
-from . import __version__
+from . import __version__, users_cli
 
 DEFAULT_CONFIG = os.environ.get("APPLIANCE_CONFIG", "appliance.toml")
 
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = ca.add_parser("export", help="print the CA certificate (PEM) for clients to trust")
     export.set_defaults(func=cmd_ca_export)
     _config_option(export)
+    users_cli.add_parser(sub, _config_option)
     return parser
 
 

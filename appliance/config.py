@@ -143,6 +143,7 @@ class DnsSection:
 @dataclass(frozen=True)
 class AuthSection:
     users_file: Path | None = None
+    realm: str = "appliance"
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,13 @@ _RESOLVERS = each(address(default_port=53))
 _LISTENERS = [f.name for f in fields(ListenSection)]
 
 # Each section's dataclass, and a converter for each of its keys (named as the fields).
+def _realm(context: _Context, path, value: Any) -> str:
+    text = string(value)
+    if not text or any(ord(c) < 0x20 or c == "\x7f" for c in text):
+        raise Invalid("the realm must be a non-empty line of text")
+    return text
+
+
 _SECTIONS: dict[str, tuple[type, dict[str, Convert]]] = {
     "appliance": (ApplianceSection, {
         "name": host_name, "state_dir": directory, "workers": workers,
@@ -290,7 +298,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Convert]]] = {
         "answer": each(lambda value: str(ip_literal(string(value), bracketed=False))),
         "forward": _RESOLVERS,
     }),
-    "auth": (AuthSection, {"users_file": optional_path}),
+    "auth": (AuthSection, {"users_file": optional_path, "realm": _realm}),
     "limits": (LimitsSection, {
         "max_header_bytes": integer(1024, 16 << 20), "max_connections": integer(1, 10**7),
         "client_idle_timeout": seconds, "tunnel_idle_timeout": seconds,

@@ -10,6 +10,7 @@ import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from .auth import Authenticator
 from .config import Config
 from .observe import Observer
 from .upstream import OriginPool, Resolver, origin_tls_context
@@ -21,6 +22,7 @@ class ProxyContext:
     resolver: Resolver
     pool: OriginPool
     observer: Observer
+    authenticator: Authenticator | None = None      # None: no proxy authentication
     # HTTP/2 connections in flight, told to GOAWAY when the appliance drains
     h2_sessions: weakref.WeakSet = field(default_factory=weakref.WeakSet)
 
@@ -32,4 +34,19 @@ class ProxyContext:
     @classmethod
     def from_config(cls, config: Config, observer: Observer) -> "ProxyContext":
         resolver = Resolver(config.upstream.nameservers, timeout=config.upstream.connect_timeout)
-        return cls(config, resolver, OriginPool(config.upstream, resolver), observer)
+        return cls(config, resolver, OriginPool(config.upstream, resolver), observer,
+                   authenticator_for(config))
+
+    def use(self, config: Config) -> None:
+        """A reload: new requests see the new config; the users file may have moved."""
+        self.config = config
+        self.authenticator = authenticator_for(config, self.authenticator)
+
+
+def authenticator_for(config: Config, current: Authenticator | None = None) -> Authenticator | None:
+    auth = config.auth
+    if auth.users_file is None:
+        return None
+    if current is not None and current.users_file == auth.users_file and current.realm == auth.realm:
+        return current
+    return Authenticator(auth.users_file, auth.realm)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .protocols.http1 import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .protocols.proxy_auth import challenge
 
 
 class UpstreamError(Exception):
@@ -24,6 +25,15 @@ class UpstreamError(Exception):
 
 class ClientError(Exception):
     """The client went away or stalled past its idle timeout; nobody is left to answer."""
+
+
+class AuthRequired(Exception):
+    """The request has no valid proxy credentials: 407 with a Basic challenge for `realm`."""
+
+    def __init__(self, realm: str, reason: str) -> None:
+        super().__init__(reason)
+        self.realm = realm
+        self.reason = reason
 
 
 class PolicyDenied(Exception):
@@ -42,6 +52,7 @@ class Reply:
     reason: str
     body: str          # short text for the client: what happened and who decided
     log_error: str     # what the access log's `error` field says
+    headers: tuple = ()   # extra fields of the answer (the 407's challenge)
 
 
 _UPSTREAM_STATUS = {"timeout": 504}
@@ -49,6 +60,8 @@ _UPSTREAM_STATUS = {"timeout": 504}
 
 def http_reply(exc: BaseException) -> Reply:
     """Map any error on the data path to the HTTP answer and the log entry (the only such map)."""
+    if isinstance(exc, AuthRequired):
+        return Reply(407, _REASONS[407], f"{exc.reason}\n", f"auth: {exc.reason}", (challenge(exc.realm),))
     if isinstance(exc, PolicyDenied):
         return Reply(exc.status, _REASONS.get(exc.status, "Forbidden"),
                      f"{exc.reason}: {exc.rule}\n", f"denied: {exc.rule}")

@@ -125,7 +125,8 @@ class ApplianceServer:
         except ConfigErrors as exc:
             log.error("reload refused, keeping the running config:\n%s", exc)
             return
-        self.config = self.ctx.config = config
+        self.config = config
+        self.ctx.use(config)
         log.info("config reloaded from %s (listener changes need a restart)", config.path)
 
     def serve_forever(self) -> None:

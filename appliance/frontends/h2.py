@@ -29,12 +29,12 @@ from gevent.event import Event
 from gevent.queue import Queue
 
 from .. import relay
+from ..admission import admit
 from ..compat import GoawayTolerantH2Connection
 from ..context import ProxyContext
-from ..errors import ClientError, PolicyDenied, UpstreamError, http_reply
+from ..errors import AuthRequired, ClientError, PolicyDenied, UpstreamError, http_reply
 from ..observe import AccessRecord
 from ..origin_request import OriginRequest
-from ..policy import Intent, decide, needs_addresses
 from ..protocols import h2_mapping as h2map
 from ..protocols.http1 import (
     CHUNKED, NO_BODY, Framing, LocalProtocolError, RemoteProtocolError, chunk_header, last_chunk,
@@ -61,7 +61,7 @@ MAX_SETTINGS = 100
 # h2 itself stops a block only at 64 frames, up to 64 × 16 KiB.
 MAX_BLOCK_INFLATION = 4
 GOAWAY_HANDOFF_TRIES = 500           # × 1 ms: how long `goaway` waits for the writer to take it
-_EXPECTED = (PolicyDenied, UpstreamError, RemoteProtocolError, LocalProtocolError)
+_EXPECTED = (AuthRequired, PolicyDenied, UpstreamError, RemoteProtocolError, LocalProtocolError)
 
 
 class _Flood:
@@ -456,7 +456,8 @@ class H2Exchange:
         self.record.status = reply.status
         body = reply.body.encode()
         try:
-            self.stream.send_headers([(":status", str(reply.status)), ("content-type", "text/plain; charset=utf-8"),
+            self.stream.send_headers([(":status", str(reply.status)), *((k.lower(), v) for k, v in reply.headers),
+                                      ("content-type", "text/plain; charset=utf-8"),
                                       ("content-length", str(len(body)))])
             self.stream.send(body)
             self.stream.end()
@@ -466,15 +467,9 @@ class H2Exchange:
         log.info("h2 %s %s %s from %s: %s", self.record.method, self.record.target,
                  self.record.status, self.s.client_ip, reply.log_error)
 
-    def authorize(self, kind: str, host: str, port: int, scheme: str, method: str) -> None:
-        intent = Intent(self.s.client_ip, self.s.listener, kind, host, port, scheme, method)
-        rules = self.s.config.rules
-        if needs_addresses(rules, intent):
-            intent = Intent(**{**intent.__dict__, "addresses": tuple(self.s.ctx.resolver.resolve(host))})
-        decision = decide(rules, intent)
-        self.record.rule = decision.rule
-        if decision.action == "deny":
-            raise PolicyDenied(decision.rule)
+    def authorize(self, req, kind: str, scheme: str, method: str) -> None:
+        admit(self.s.ctx, self.s.config, self.record, req.headers, kind=kind, host=req.target.host,
+              port=req.target.port, scheme=scheme, method=method)
         if self.stream.gone:            # reset already (rapid reset): the origin never hears of it
             raise relay.StreamGone()
 
@@ -485,7 +480,7 @@ class H2Exchange:
         target = req.target
         if req.scheme != "http":
             raise RemoteProtocolError("https:// URLs go through CONNECT, not in a plain request", 501)
-        self.authorize("request", target.host, target.port, "http", req.method)
+        self.authorize(req, "request", "http", req.method)
         method, path, headers = h2map.http1_request_head(req, self.s.pseudonym)
         if req.content_length is not None:
             framing = Framing("length", req.content_length) if req.content_length else NO_BODY
@@ -570,7 +565,7 @@ class H2Exchange:
     def tunnel(self, req) -> None:
         self.record.kind = "tunnel"
         host, port = req.target.host, req.target.port
-        self.authorize("tunnel", host, port, "tcp", "CONNECT")
+        self.authorize(req, "tunnel", "tcp", "CONNECT")
         sock = connect(self.s.ctx.resolver, host, port, self.s.config.upstream.connect_timeout)
         self.record.upstream = sock.getpeername()[0]
         try:
@@ -591,7 +586,7 @@ class H2Exchange:
     def websocket(self, req) -> None:
         self.record.kind = "websocket"
         target = req.target
-        self.authorize("websocket", target.host, target.port, req.scheme, "CONNECT")
+        self.authorize(req, "websocket", req.scheme, "CONNECT")
         key = base64.b64encode(os.urandom(16)).decode()
         start, headers = h2map.websocket_http1_request(req, key, self.s.pseudonym)
         origin = OriginRequest(self.s.ctx, target, serialize_head(start, headers), "GET", NO_BODY,

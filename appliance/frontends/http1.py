@@ -19,11 +19,11 @@ import logging
 from gevent import socket
 
 from .. import relay
+from ..admission import admit
 from ..context import ProxyContext
-from ..errors import ClientError, PolicyDenied, UpstreamError, http_reply
+from ..errors import AuthRequired, ClientError, PolicyDenied, UpstreamError, http_reply
 from ..observe import AccessRecord
 from ..origin_request import OriginRequest
-from ..policy import Intent, decide, needs_addresses
 from ..protocols import forwarding as fwd
 from ..protocols import websocket_bridge
 from ..protocols.h2_mapping import h2_via
@@ -39,12 +39,12 @@ from ..upstream_h2 import H2Tunnel
 log = logging.getLogger("appliance.http1")
 
 REFUSAL_BODY_LIMIT = 64 * 1024
-_EXPECTED = (PolicyDenied, UpstreamError, RemoteProtocolError, LocalProtocolError)
+_EXPECTED = (AuthRequired, PolicyDenied, UpstreamError, RemoteProtocolError, LocalProtocolError)
 
 
-def error_response(status: int, reason: str, body: str, pseudonym: str) -> bytes:
+def error_response(status: int, reason: str, body: str, pseudonym: str, extra: Headers = ()) -> bytes:
     payload = body.encode("utf-8")
-    head = serialize_head(status_line(status, reason), (
+    head = serialize_head(status_line(status, reason), extra + (
         ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(payload))),
         ("Connection", "close"), ("Via", fwd.via_value((1, 1), pseudonym)),
     ))
@@ -157,7 +157,7 @@ class Http1Session:
         if record.status == 0:                 # nothing sent yet: the client gets a real answer
             record.status = reply.status
             try:
-                data = error_response(reply.status, reply.reason, reply.body, self.pseudonym)
+                data = error_response(reply.status, reply.reason, reply.body, self.pseudonym, reply.headers)
                 self.client.sendall(data)
                 record.bytes_down += len(data)
             except ClientError:
@@ -166,25 +166,13 @@ class Http1Session:
                  self.client_ip, reply.log_error)
         self.ctx.observer.finish(record)
 
-    # --- policy -----------------------------------------------------------------------------
-
-    def authorize(self, kind: str, host: str, port: int, scheme: str, method: str,
-                  record: AccessRecord) -> None:
-        intent = Intent(self.client_ip, self.listener, kind, host, port, scheme, method)
-        rules = self.config.rules
-        if needs_addresses(rules, intent):
-            intent = Intent(**{**intent.__dict__, "addresses": tuple(self.ctx.resolver.resolve(host))})
-        decision = decide(rules, intent)
-        record.rule = decision.rule
-        if decision.action == "deny":
-            raise PolicyDenied(decision.rule)
-
     # --- CONNECT ----------------------------------------------------------------------------
 
     def tunnel(self, head: RequestHead, record: AccessRecord) -> bool:
         record.kind = "tunnel"
         host, port = fwd.parse_authority(head.target)
-        self.authorize("tunnel", host, port, "tcp", "CONNECT", record)
+        admit(self.ctx, self.config, record, head.headers, kind="tunnel", host=host, port=port,
+              scheme="tcp", method="CONNECT")
         origin = self._connect(host, port)
         record.upstream = origin.getpeername()[0]
         reply = serialize_head(status_line(200, "Connection established"), ())
@@ -219,7 +207,8 @@ class Http1Session:
             raise PolicyDenied("Via header names this appliance", "forwarding loop detected")
         websocket = fwd.is_websocket_upgrade(head.method, head.headers)
         record.kind = "websocket" if websocket else "request"
-        self.authorize(record.kind, target.host, target.port, target.scheme, head.method, record)
+        admit(self.ctx, self.config, record, head.headers, kind=record.kind, host=target.host,
+              port=target.port, scheme=target.scheme, method=head.method)
         if websocket and target.hostport in self.config.upstream.h2_origins:
             return self.websocket_over_h2(head, target, record)
         headers = fwd.origin_request_headers(head.headers, target, head.version, self.pseudonym,

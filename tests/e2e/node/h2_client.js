@@ -35,7 +35,8 @@ function collect(stream, cb) {
 
 function get(session, path, body) {
   return new Promise((resolve, reject) => {
-    const headers = { ':method': body ? 'POST' : 'GET', ':scheme': 'http', ':authority': opts.origin, ':path': path };
+    const headers = { ':method': body ? 'POST' : 'GET', ':scheme': 'http', ':authority': opts.origin, ':path': path,
+                      ...(opts.headers || {}) };
     const req = session.request(headers, { endStream: !body });
     let response = null;
     let trailers = null;
