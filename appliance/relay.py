@@ -101,6 +101,7 @@ class _Failures(list):
     has closed the tunnel (`closed`), what follows is that closing, not a failure."""
 
     closed = False
+    stream_reset = False          # the HTTP/2 side was reset, with whatever code
 
     def run(self, fn, *args) -> None:
         try:
@@ -108,6 +109,7 @@ class _Failures(list):
         except _Closed:
             self.closed = True
         except StreamGone as exc:
+            self.stream_reset = True
             if exc.cancelled:
                 self.closed = True
             elif not self.closed:
@@ -189,6 +191,14 @@ def _direction(src, dst, activity: _Activity, use_splice: bool, first: bytes, fl
         flow.moved += len(first)
     (_splice_direction if use_splice else _copy_direction)(src, dst, activity, flow)
     _half_close(dst)
+
+
+def _reset_on_close(sock) -> None:
+    """linger 0: closing the socket sends RST instead of FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
 
 
 def _shutdown(*socks) -> None:
@@ -300,24 +310,31 @@ def stream_pipe(stream: StreamSide, sock: socket.socket, idle_timeout: float,
     activity = _Activity(idle_timeout)
     up, down, failures = _Flow(), _Flow(), _Failures()
     upward = gevent.spawn(failures.run, _stream_to_socket, stream, sock, activity, up)
-    upward.link(_abort_on_failure(failures, sock))
+
+    def wake_downward(_greenlet) -> None:
+        if failures.stream_reset:
+            # Reset toward the origin, not FIN: linger 0 makes the close send RST; SHUT_RD (which
+            # sends nothing) only wakes the reader of this socket.
+            _reset_on_close(sock)
+            shutdown_socket(sock, socket.SHUT_RD)
+        elif failures.over:
+            _shutdown(sock)
+
+    upward.link(wake_downward)
     failures.run(_socket_to_stream, sock, stream, activity, socket_first, down)
     if failures.over:
         upward.kill()
     upward.join()
-    if failures.closed and not failures:
+    if failures.closed and not failures and not failures.stream_reset:
         try:
             stream.end()                     # the TLS origin side closed: so does the stream
         except StreamGone:
             pass
-    if failures:
-        if not isinstance(failures[0], StreamGone):
-            try:
-                stream.reset()
-            except StreamGone:
-                pass
+    if failures and not isinstance(failures[0], StreamGone):
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        except OSError:
+            stream.reset()                   # the socket failed: the stream says so (RST_STREAM)
+        except StreamGone:
             pass
+    if failures or failures.stream_reset:
+        _reset_on_close(sock)      # RFC 9113 §8.5: a reset stream resets the TCP connection
     return RelayResult(a_to_b=up.moved, b_to_a=down.moved, error=failures.describe())

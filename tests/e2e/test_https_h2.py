@@ -251,3 +251,86 @@ def test_h2_response_trailers_and_hop_by_hop_fields(app):
     names = set(result["headers"])
     assert not names & {"x-hop", "keep-alive", "connection", "transfer-encoding"}
     assert result["headers"]["trailer"] == "X-Sum"
+
+
+class _SilentOrigin:
+    """Accepts one connection and reads nothing until told to; then reads everything, and says
+    how the connection ended (EOF or reset)."""
+
+    def __init__(self) -> None:
+        import threading
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)   # a small window to fill
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.go = threading.Event()
+        self.received = 0
+        self.ended_by = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        conn.settimeout(20)
+        self.go.wait(20)
+        try:
+            for _ in range(100_000):
+                data = conn.recv(1 << 20)
+                if not data:
+                    self.ended_by = "eof"
+                    break
+                self.received += len(data)
+        except ConnectionResetError:
+            self.ended_by = "reset"
+        except socket.timeout:
+            self.ended_by = "timeout"
+        conn.close()
+        self.sock.close()
+
+
+def _connect_stream(c, port: int) -> int:
+    sid = c.request([(b":method", b"CONNECT"), (b":authority", f"127.0.0.1:{port}".encode())], end=False)
+    assert c.wait(lambda: c.responses[sid].status is not None) and c.responses[sid].status == 200
+    return sid
+
+
+def test_h2_data_is_acknowledged_only_once_written_on(app, origin):
+    """Backpressure (RFC 9113 §5.2): an origin that does not read stalls its CONNECT stream's
+    window; what the client could send is bounded, the connection's other streams go on, and
+    once the origin reads, every byte arrives."""
+    from .h2_raw_client import H2RawClient
+    silent = _SilentOrigin()
+    chunk = b"x" * 16384
+    with H2RawClient(app.https_port, app.ca_path) as c:
+        sid = _connect_stream(c, silent.port)
+        sent = 0
+        for _ in range(4096):                       # at most 64 MiB; the window closes long before
+            window = min(c.conn.local_flow_control_window(sid), len(chunk))
+            if window <= 0:
+                if not c.wait(lambda: c.conn.local_flow_control_window(sid) > 0, 1.0):
+                    break                            # no credit for a second: the stream is stalled
+                continue
+            c.data(sid, chunk[:window])
+            sent += window
+        assert sent < 16 * 1024 * 1024               # bounded by windows and socket buffers
+        assert c.response(c.get(f"{origin}/echo?during=stall")).status == 200   # siblings go on
+        silent.go.set()                              # the origin reads at last
+        assert c.wait(lambda: c.conn.local_flow_control_window(sid) > 0, 10)     # credit returns
+        c.end(sid)
+        silent.thread.join(20)
+    assert silent.received == sent
+
+
+def test_h2_stream_reset_resets_the_origin_connection(app):
+    """RFC 9113 §8.5: RST_STREAM on a CONNECT stream becomes a TCP reset toward the origin."""
+    from .h2_raw_client import H2RawClient
+    silent = _SilentOrigin()
+    silent.go.set()
+    with H2RawClient(app.https_port, app.ca_path) as c:
+        sid = _connect_stream(c, silent.port)
+        c.data(sid, b"hello")
+        c.wait(lambda: silent.received == 5, 5)
+        c.reset(sid, 0x2)                             # INTERNAL_ERROR
+        silent.thread.join(10)
+    assert silent.ended_by == "reset"
