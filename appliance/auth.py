@@ -9,6 +9,7 @@ from one client address slow down that client's next answers; other clients are 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -29,7 +30,11 @@ REMEMBERED = 1024                 # verified credentials kept
 FAILURE_WINDOW = 60.0             # failures older than this are forgotten
 FREE_FAILURES = 3                 # failures before the answers slow down
 MAX_DELAY = 5.0
-_DUMMY_HASH = hash_password("-", b"\0" * 16, n=2 ** 14)   # unknown users cost as much as known ones
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked for unknown users, so they cost as much as known ones (no user enumeration by time)."""
+    return hash_password("-", b"\0" * 16)
 
 
 class Authenticator:
@@ -67,7 +72,7 @@ class Authenticator:
         if stored is not None and key in self._verified:
             self._verified.move_to_end(key)
             return credentials.user
-        ok = get_hub().threadpool.apply(verify_password, (credentials.password, stored or _DUMMY_HASH))
+        ok = get_hub().threadpool.apply(verify_password, (credentials.password, stored or _dummy_hash()))
         if not (ok and stored is not None):
             self._failed(client, credentials.user)
             raise AuthRequired(self.realm, f"invalid credentials for user {credentials.user!r}")
