@@ -283,19 +283,23 @@ def _socket_to_stream(sock: socket.socket, stream: StreamSide, activity: _Activi
     if first:
         stream.send(first)
         flow.moved += len(first)
+    if not getattr(sock, "pending", lambda: 0)():
+        _wait(wait_read, sock.fileno(), activity)
+    buf = bytearray(BUFFER_SIZE)     # reused: stream.send has copied what it needs on return
+    view = memoryview(buf)
     while True:
-        data = None
+        n = None
         with gevent.Timeout(activity.remaining(), False):
-            data = sock.recv(BUFFER_SIZE)
-        if data is None:
+            n = sock.recv_into(buf)
+        if n is None:
             continue
-        if not data:
+        if not n:
             stream.end()
             return
         activity.touch()
         with gevent.Timeout(activity.idle_timeout, _Idle):
-            stream.send(data)
-        flow.moved += len(data)
+            stream.send(view[:n])
+        flow.moved += n
 
 
 def stream_pipe(stream: StreamSide, sock: socket.socket, idle_timeout: float,

@@ -124,8 +124,12 @@ class H2Stream(relay.StreamSide):
                 self.window_open.clear()
                 self.window_open.wait()
                 continue
-            chunk = bytes(view[:size])
-            self.session.send(lambda c: c.send_data(self.id, chunk), self)
+            # As many frames as the window allows in one go: one wake-up of the writer per
+            # window, not per 16 KiB frame.
+            frame = self.session.conn.max_outbound_frame_size
+            # memoryview slices: h2 copies each into its output buffer, so no copy of our own
+            pieces = [view[i:min(i + frame, size)] for i in range(0, size, frame)]
+            self.session.send(lambda c: [c.send_data(self.id, p) for p in pieces], self)
             view = view[size:]
 
     def end(self, trailers=None) -> None:
@@ -218,8 +222,9 @@ class H2Session:
         self._drained.wait()
 
     def window(self, stream_id: int) -> int:
+        """What the peer lets this stream send now (its window and the connection's)."""
         try:
-            return min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+            return self.conn.local_flow_control_window(stream_id)
         except (h2.exceptions.StreamClosedError, KeyError):
             raise relay.StreamGone() from None
 
