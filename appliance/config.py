@@ -116,8 +116,8 @@ class UpstreamSection:
     nameservers: tuple[Address, ...] = ()
     connect_timeout: float = 10.0
     response_timeout: float = 60.0
-    pool_max_idle_per_host: int = 8
-    pool_max_idle: int = 256
+    pool_max_idle_per_host: int = 64
+    pool_max_idle: int = 1024
     pool_idle_timeout: float = 30.0
     # origins that speak HTTP/2 with RFC 8441: WebSocket upgrades to them go as extended CONNECT
     h2_origins: tuple[str, ...] = ()

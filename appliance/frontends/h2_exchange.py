@@ -1,0 +1,248 @@
+"""What one HTTP/2 stream asks for, carried out (RFC 9113 §8, RFC 8441).
+
+The HTTP/2 frontend (`h2.py`) runs one `H2Exchange` per stream in the stream's greenlet:
+a plain request goes to the origin over HTTP/1.1 through `OriginRequest`, a CONNECT becomes a
+tunnel (`relay.stream_pipe`), an extended CONNECT a WebSocket handshake toward the origin. Every
+exchange ends in exactly one access-log record; errors map to a response or RST_STREAM on this
+stream only.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+
+import h2.errors
+from gevent import socket
+
+from .. import relay
+from ..admission import admit
+from ..errors import AuthRequired, ClientError, PolicyDenied, UpstreamError, http_reply
+from ..observe import AccessRecord
+from ..origin_request import OriginRequest
+from ..protocols import h2_mapping as h2map
+from ..protocols.http1 import (
+    CHUNKED, NO_BODY, Framing, LocalProtocolError, RemoteProtocolError, chunk_header, last_chunk,
+    request_line, serialize_head,
+)
+from ..reader import send
+from ..upstream import connect
+
+log = logging.getLogger("appliance.h2")
+
+_EXPECTED = (AuthRequired, PolicyDenied, UpstreamError, RemoteProtocolError, LocalProtocolError)
+
+
+class H2Exchange:
+    """What one stream asks for, carried out; always ends in one access-log record."""
+
+    def __init__(self, session, stream, record: AccessRecord) -> None:
+        self.s = session
+        self.stream = stream
+        self.record = record
+
+    def run(self, block) -> None:
+        record = self.record
+        try:
+            request = h2map.parse_request_block(block)
+            record.method = request.method
+            record.target = request.authority if request.kind == "connect" else \
+                f"{request.scheme}://{request.authority}{request.path}"
+            handler = {"request": self.forward, "connect": self.tunnel, "websocket": self.websocket}
+            handler[request.kind](request)
+        except h2map.StreamError as exc:
+            record.status = getattr(exc, "status", 400)
+            record.error = f"protocol: {exc}"
+            if exc.status == 400 or self.stream.headers_sent:
+                self._reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            else:
+                self._error_response(exc)
+        except _EXPECTED as exc:
+            self._error_response(exc)
+        except relay.StreamGone:
+            record.error = record.error or "stream reset by client"
+        except ClientError as exc:
+            record.error = f"client: {exc}"
+        except Exception as exc:      # a bug: answer 500 on this stream only
+            log.exception("internal error on h2 stream %s", self.stream.id)
+            self._error_response(exc)
+        finally:
+            self.s.ctx.observer.finish(record)
+
+    def _reset(self, code) -> None:
+        try:
+            self.stream.reset(code)
+        except relay.StreamGone:
+            pass
+
+    def _error_response(self, exc: BaseException) -> None:
+        reply = http_reply(exc)
+        self.record.error = reply.log_error
+        if isinstance(exc, PolicyDenied):
+            self.record.rule = exc.rule
+        if self.stream.headers_sent:
+            self._reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+            return
+        self.record.status = reply.status
+        body = reply.body.encode()
+        try:
+            self.stream.send_headers([(":status", str(reply.status)), *((k.lower(), v) for k, v in reply.headers),
+                                      ("content-type", "text/plain; charset=utf-8"),
+                                      ("content-length", str(len(body)))])
+            self.stream.send(body)
+            self.stream.end()
+            self.record.bytes_down += len(body)
+        except relay.StreamGone:
+            pass
+        log.info("h2 %s %s %s from %s: %s", self.record.method, self.record.target,
+                 self.record.status, self.s.client_ip, reply.log_error)
+
+    def authorize(self, req, kind: str, scheme: str, method: str) -> None:
+        admit(self.s.ctx, self.s.config, self.record, req.headers, kind=kind, host=req.target.host,
+              port=req.target.port, scheme=scheme, method=method)
+        if self.stream.gone:            # reset already (rapid reset): the origin never hears of it
+            raise relay.StreamGone()
+
+    # --- plain requests ---------------------------------------------------------------------
+
+    def forward(self, req) -> None:
+        record = self.record
+        target = req.target
+        if req.scheme != "http":
+            raise RemoteProtocolError("https:// URLs go through CONNECT, not in a plain request", 501)
+        self.authorize(req, "request", "http", req.method)
+        method, path, headers = h2map.http1_request_head(req, self.s.pseudonym)
+        if req.content_length is not None:
+            framing = Framing("length", req.content_length) if req.content_length else NO_BODY
+        elif self.stream.inbox.qsize() and self.stream.inbox.peek() == b"":
+            framing = NO_BODY                       # HEADERS carried END_STREAM
+        else:
+            framing = CHUNKED
+            headers += (("Transfer-Encoding", "chunked"),)
+        check = h2map.DataLengthCheck(req.content_length)
+        origin = OriginRequest(self.s.ctx, target, serialize_head(request_line(method, path), headers),
+                               method, framing)
+
+        def upload(sock: socket.socket) -> None:
+            self._upload(sock, framing, check)
+
+        try:
+            if framing is NO_BODY:
+                self._discard_body(check)
+            response = origin.send(upload if framing is not NO_BODY else None, self._informational)
+        finally:
+            record.upstream = origin.upstream_address
+        if response.status == 101:
+            origin.close()
+            raise UpstreamError("protocol", target.hostport, "origin switched protocols on a plain request")
+        record.status = response.status
+        decoder = origin.response_decoder(response)
+        block = h2map.h2_response_block(response.status, response.headers, self.s.pseudonym)
+        try:
+            if decoder.done:
+                self.stream.send_headers(block, end_stream=True)
+            else:
+                self.stream.send_headers(block)
+                self._download(origin, decoder)
+        except BaseException:
+            origin.close()
+            raise
+        origin.finish(response)
+
+    def _discard_body(self, check) -> None:
+        data = self.stream.read()
+        if data:
+            raise h2map.StreamError("DATA on a request whose HEADERS ended the stream")
+        check.end()
+
+    def _upload(self, sock: socket.socket, framing: Framing, check) -> None:
+        name = self.record.target
+        timeout = self.s.config.upstream.response_timeout
+        while True:
+            data = self.stream.read()
+            if not data:
+                break
+            check.data(len(data))
+            send(sock, chunk_header(len(data)) + data + b"\r\n" if framing.kind == "chunked" else data,
+                 "origin", timeout, name)
+            self.stream.ack(len(data))
+            self.record.bytes_up += len(data)
+        check.end()
+        if framing.kind == "chunked":
+            trailers = h2map.parse_trailer_block(self.stream.trailers)   # checked like any field
+            send(sock, last_chunk(trailers), "origin", timeout, name)
+
+    def _informational(self, raw: bytes, response) -> None:
+        self.stream.send_headers(h2map.h2_response_block(response.status, response.headers, self.s.pseudonym))
+        self.stream.headers_sent = False       # a 1xx is not the response
+
+    def _download(self, origin: OriginRequest, decoder) -> None:
+        reader = origin.reader
+        while not decoder.done:
+            data = reader.recv()
+            if not data:
+                decoder.feed_eof()
+                break
+            for piece in decoder.feed(data):
+                self.stream.send(piece)
+                self.record.bytes_down += len(piece)
+        reader.unread(decoder.leftover)
+        trailers = h2map.h2_trailer_block(decoder.trailers) if decoder.trailers else None
+        self.stream.end(trailers)
+
+    # --- CONNECT ----------------------------------------------------------------------------
+
+    def tunnel(self, req) -> None:
+        self.record.kind = "tunnel"
+        host, port = req.target.host, req.target.port
+        self.authorize(req, "tunnel", "tcp", "CONNECT")
+        sock = connect(self.s.ctx.resolver, host, port, self.s.config.upstream.connect_timeout)
+        self.record.upstream = sock.getpeername()[0]
+        try:
+            self.stream.send_headers([(":status", "200")])
+            self.record.status = 200
+            self._relay(sock)
+        finally:
+            sock.close()
+
+    def _relay(self, sock: socket.socket, socket_first: bytes = b"") -> None:
+        result = relay.stream_pipe(self.stream, sock, self.s.config.limits.tunnel_idle_timeout, socket_first)
+        self.record.bytes_up += result.a_to_b
+        self.record.bytes_down += result.b_to_a
+        self.record.error = result.error
+
+    # --- RFC 8441 WebSocket -----------------------------------------------------------------
+
+    def websocket(self, req) -> None:
+        self.record.kind = "websocket"
+        target = req.target
+        self.authorize(req, "websocket", req.scheme, "CONNECT")
+        key = base64.b64encode(os.urandom(16)).decode()
+        start, headers = h2map.websocket_http1_request(req, key, self.s.pseudonym)
+        origin = OriginRequest(self.s.ctx, target, serialize_head(start, headers), "GET", NO_BODY,
+                               fresh=True, tls=req.scheme == "https")
+        try:
+            response = origin.send()
+        finally:
+            self.record.upstream = origin.upstream_address
+        try:
+            if response.status != 101:
+                self.record.status = response.status
+                self._relay_response(origin, response)
+                return
+            h2map.check_websocket_switch(key, response.status, response.headers, request=req)
+            self.stream.send_headers(h2map.websocket_h2_response(response.headers))
+            self.record.status = 200
+            self._relay(origin.conn.sock, origin.reader.buffered)
+        finally:
+            origin.close()
+
+    def _relay_response(self, origin: OriginRequest, response) -> None:
+        decoder = origin.response_decoder(response)
+        block = h2map.h2_response_block(response.status, response.headers, self.s.pseudonym)
+        if decoder.done:
+            self.stream.send_headers(block, end_stream=True)
+        else:
+            self.stream.send_headers(block)
+            self._download(origin, decoder)
