@@ -392,11 +392,11 @@ def _check_listeners(context: _Context, listen: ListenSection) -> None:
     """Two listeners on one port fail at bind time; say so now, naming both keys."""
     taken: dict[Address, str] = {}
     for name in (f.name for f in fields(ListenSection)):
-        for address in getattr(listen, name):
-            other = next((taken[a] for a in taken if _overlap(a, address)), None)
+        for bound in getattr(listen, name):
+            other = next((taken[a] for a in taken if _overlap(a, bound)), None)
             if other:
-                context.error(("listen", name), f"{address} is also taken by listen.{other}")
-            taken.setdefault(address, name)
+                context.error(("listen", name), f"{bound} is also taken by listen.{other}")
+            taken.setdefault(bound, name)
 
 
 def _overlap(a: Address, b: Address) -> bool:

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from .conftest import REPO, Process, child_env, curl, free_port
+from .conftest import REPO, Process, child_env, curl
 
 
 def _appliance_cmd(*args: str, cwd=REPO) -> subprocess.CompletedProcess:

@@ -206,7 +206,7 @@ def test_names_resolve_through_configured_nameserver(make_appliance, origin, tmp
 def test_ipv6_listener_and_several_addresses(make_appliance, origin):
     from .conftest import free_port
     p4, p6 = free_port(), free_port("::1")          # different hosts: a shared number is fine
-    app = make_appliance(http=[f"127.0.0.1:{p4}", f"[::1]:{p6}"])
+    make_appliance(http=[f"127.0.0.1:{p4}", f"[::1]:{p6}"])
     for proxy in (f"http://127.0.0.1:{p4}", f"http://[::1]:{p6}"):
         r = curl("-x", proxy, f"{origin}/echo")
         assert r.returncode == 0, r.stderr

@@ -35,25 +35,11 @@ from appliance.protocols.http1 import (
     parse_response_head,
     serialize_head,
 )
+from .h2_peers import h2_pair
+
 
 ME = "proxy.localhost"
 KEY = base64.b64encode(bytes(range(16))).decode("ascii")      # the frontend draws a random one
-
-
-def h2_pair(validate: bool = True):
-    """Client and server after the settings exchange; the server sent
-    SETTINGS_ENABLE_CONNECT_PROTOCOL=1 (RFC 8441 §3), without which h2 won't send :protocol."""
-    client = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=True, validate_outbound_headers=validate, normalize_outbound_headers=validate))
-    server = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=False, header_encoding=None, validate_inbound_headers=False))
-    client.initiate_connection()
-    server.initiate_connection()
-    server.update_settings({h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1})
-    for _ in range(3):
-        server.receive_data(client.data_to_send())
-        client.receive_data(server.data_to_send())
-    return client, server
 
 
 def through_h2(block, validate: bool = True):

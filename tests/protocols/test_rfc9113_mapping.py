@@ -34,27 +34,13 @@ from appliance.protocols.http1 import (
     request_line,
     serialize_head,
 )
+from .h2_peers import h2_pair
+
 
 ME = "proxy.localhost"
 
 
 # --- a real h2 client and server ------------------------------------------------------------
-
-def h2_pair(validate: bool = True):
-    """A client and a server that exchanged prefaces and settings; the server runs like the
-    frontend (bytes headers, no inbound validation) and offers extended CONNECT (RFC 8441)."""
-    client = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=True, validate_outbound_headers=validate, normalize_outbound_headers=validate))
-    server = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=False, header_encoding=None, validate_inbound_headers=False))
-    client.initiate_connection()
-    server.initiate_connection()
-    server.update_settings({h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1})
-    for _ in range(3):
-        server.receive_data(client.data_to_send())
-        client.receive_data(server.data_to_send())
-    return client, server
-
 
 def through_h2(block, validate: bool = True, end_stream: bool = True):
     """The header block the server side's RequestReceived carries for `block`."""
