@@ -33,6 +33,7 @@ from ..context import ProxyContext
 from ..errors import ClientError
 from ..observe import AccessRecord
 from ..protocols import h2_mapping as h2map
+from .client_session import ClientSession
 from .h2_exchange import H2Exchange
 
 log = logging.getLogger("appliance.h2")
@@ -78,6 +79,7 @@ class H2Stream(relay.StreamSide):
         self.session = session
         self.id = stream_id
         self.inbox: Queue = Queue()
+        self.ended_with_headers = ended          # HEADERS carried END_STREAM: no body follows
         if ended:
             self.inbox.put(b"")
         self.window_open = Event()
@@ -99,10 +101,11 @@ class H2Stream(relay.StreamSide):
 
     # outbound
 
-    def send_headers(self, block, end_stream: bool = False) -> None:
+    def send_headers(self, block, end_stream: bool = False, final: bool = True) -> None:
+        """A response's HEADERS; `final=False` for a 1xx, after which the response still follows."""
         encoded = h2map.block_bytes(block)      # latin-1 as read from HTTP/1.1, not UTF-8
         self.session.send(lambda c: c.send_headers(self.id, encoded, end_stream=end_stream), self)
-        self.headers_sent = True
+        self.headers_sent = self.headers_sent or final
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -143,16 +146,11 @@ class H2Stream(relay.StreamSide):
         self.window_open.set()
 
 
-class H2Session:
+class H2Session(ClientSession):
     """One HTTP/2 connection from a client, inside TLS."""
 
     def __init__(self, ctx: ProxyContext, sock: socket.socket, address, listener: str) -> None:
-        self.ctx = ctx
-        self.config = ctx.config
-        self.sock = sock
-        self.client_ip = address[0]
-        self.listener = listener
-        self.pseudonym = self.config.appliance.name
+        super().__init__(ctx, sock, address, listener)
         self.conn = GoawayTolerantH2Connection(h2.config.H2Configuration(
             client_side=False, header_encoding=None, validate_inbound_headers=False,
             normalize_inbound_headers=False))

@@ -115,8 +115,8 @@ class H2Exchange:
         method, path, headers = h2map.http1_request_head(req, self.s.pseudonym)
         if req.content_length is not None:
             framing = Framing("length", req.content_length) if req.content_length else NO_BODY
-        elif self.stream.inbox.qsize() and self.stream.inbox.peek() == b"":
-            framing = NO_BODY                       # HEADERS carried END_STREAM
+        elif self.stream.ended_with_headers:
+            framing = NO_BODY
         else:
             framing = CHUNKED
             headers += (("Transfer-Encoding", "chunked"),)
@@ -174,8 +174,8 @@ class H2Exchange:
             send(sock, last_chunk(trailers), "origin", timeout, name)
 
     def _informational(self, raw: bytes, response) -> None:
-        self.stream.send_headers(h2map.h2_response_block(response.status, response.headers, self.s.pseudonym))
-        self.stream.headers_sent = False       # a 1xx is not the response
+        self.stream.send_headers(h2map.h2_response_block(response.status, response.headers, self.s.pseudonym),
+                                 final=False)
 
     def _download(self, origin: OriginRequest, decoder) -> None:
         reader = origin.reader

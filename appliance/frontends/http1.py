@@ -35,6 +35,7 @@ from ..protocols.http1 import (
 from ..reader import SocketReader, send
 from ..upstream import connect
 from ..upstream_h2 import H2Tunnel
+from .client_session import ClientSession
 
 log = logging.getLogger("appliance.http1")
 
@@ -85,19 +86,13 @@ class BodyPump:
         return decoder.trailers
 
 
-class Http1Session:
-    """One client connection on an `http` listener."""
+class Http1Session(ClientSession):
+    """One client connection on an `http` listener (or `https` with ALPN http/1.1)."""
 
     def __init__(self, ctx: ProxyContext, sock: socket.socket, address, listener: str) -> None:
-        self.ctx = ctx
-        self.config = ctx.config
-        self.sock = sock
-        self.client_ip = address[0]
-        self.listener = listener
+        super().__init__(ctx, sock, address, listener)
         self.limits = self.config.limits
-        self.pseudonym = self.config.appliance.name
         self.client = SocketReader(sock, "client", self.limits.client_idle_timeout)
-        self.connection = 0
 
     # --- connection loop --------------------------------------------------------------------
 

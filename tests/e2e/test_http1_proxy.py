@@ -58,7 +58,7 @@ def test_request_that_already_passed_through_us_is_refused(appliance, origin):
              "-o", "/dev/null", f"{origin}/echo?loop=1")
     assert r.stdout == b"403"
     seen = json.loads(curl(f"{origin}/seen").stdout)
-    assert "GET /echo" not in [s for s in seen if "loop" in s]
+    assert not any("loop=1" in s for s in seen)
 
 
 def test_client_keep_alive_and_origin_pool_reuse(appliance, origin):
