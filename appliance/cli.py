@@ -1,17 +1,24 @@
-"""`appliance run | check-config | ca export | users ... | version`: the admins' command line.
+"""`appliance run | check-config | ca init|show|export | users ... | version`: the command line.
 
 `users add | remove | list` (the proxy-auth users file) live in `users_cli.py`.
 
 `check-config` prints `FILE:LINE: key: what is wrong` for every problem and exits 1, like
 `nginx -t`; `run` refuses to start on the same errors.
+
+`ca init` creates the CA ahead of the first start (so its fingerprint can be rolled out first),
+`ca show` says which CA clients must trust, and `ca export` prints it for them; `ca` failures
+exit 1 with `appliance: CA: FILE: what is wrong`. Only `init` and `export` ever create a CA,
+never `show`: looking must not mint a new root that nobody has trusted yet.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
+from datetime import datetime, timezone
 
 from . import __version__, users_cli
 
@@ -27,48 +34,110 @@ def _load(path: str):
         return None
 
 
-def cmd_check_config(args) -> int:
-    config = _load(args.config)
-    if config is None:
-        return 1
+def _with_config(command):
+    """Load `--config` before `command` runs; a config with errors is printed and exits 1."""
+    @functools.wraps(command)
+    def run(args) -> int:
+        config = _load(args.config)
+        return 1 if config is None else command(args, config)
+    return run
+
+
+@_with_config
+def cmd_check_config(args, config) -> int:
     print(f"{args.config}: ok")
     return 0
 
 
-def cmd_run(args) -> int:
-    config = _load(args.config)
-    if config is None:
-        return 1
+@_with_config
+def cmd_run(args, config) -> int:
     level = getattr(logging, config.log.level.upper())
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("hpack", "h2"):          # per-frame debug lines would drown ours
         logging.getLogger(chatty).setLevel(max(level, logging.INFO))
+    from certs import CAError
+
     from .server import ApplianceServer
     try:
         os.makedirs(config.appliance.state_dir, exist_ok=True)
         server = ApplianceServer(config)
         server.serve_forever()
-    except OSError as exc:
+    except (OSError, CAError) as exc:
         logging.getLogger("appliance").error("cannot start: %s", exc)
         return 1
     return 0
 
 
-def cmd_ca_export(args) -> int:
-    """Print the appliance CA certificate (PEM), creating the CA if this is its first use."""
-    config = _load(args.config)
-    if config is None:
-        return 1
-    from datetime import datetime, timezone
+def _ca_error(exc: Exception) -> int:
+    print(f"appliance: CA: {exc}", file=sys.stderr)
+    return 1
 
+
+@_with_config
+def cmd_ca_init(args, config) -> int:
+    """Create the CA under state_dir with `[ca] key_type`; an existing CA is left as it is."""
+    from certs.authority import CAError, CertificateAuthority, describe_key, key_type_of
+    state_dir, now = config.appliance.state_dir, datetime.now(timezone.utc)
+    try:
+        if CertificateAuthority.exists(state_dir):
+            ca = CertificateAuthority.load(state_dir, now)  # reads only: a broken CA is an error
+            note = ""
+            if key_type_of(ca.key) != config.ca.key_type:
+                note = (f" (config asks for key_type {config.ca.key_type!r}; "
+                        f"the existing CA is kept)")
+            print(f"CA exists already, left unchanged: {ca.cert_path}{note}")
+        else:
+            ca = CertificateAuthority.create(state_dir, now, key_type=config.ca.key_type)
+            print(f"created CA {ca.cert_path} ({describe_key(ca.key)})")
+    except (CAError, OSError, ValueError) as exc:
+        return _ca_error(exc)
+    print(f"SHA-256 fingerprint: {ca.fingerprint_sha256()}")
+    return 0
+
+
+@_with_config
+def cmd_ca_show(args, config) -> int:
+    """Describe the CA; exit 1 when there is none yet (showing never creates one)."""
+    from certs.authority import CAError, CertificateAuthority, describe_key, validity_utc
+    state_dir = config.appliance.state_dir
+    try:
+        if not CertificateAuthority.exists(state_dir):
+            cert_path, _ = CertificateAuthority.paths(state_dir)
+            return _ca_error(f"{cert_path.parent}: no CA yet; create it with "
+                             f"`appliance ca init --config {args.config}`")
+        ca = CertificateAuthority.load(state_dir, datetime.now(timezone.utc))
+    except (CAError, OSError) as exc:
+        return _ca_error(exc)
+    not_before, not_after = validity_utc(ca.cert)
+    for label, value in (("subject", ca.cert.subject.rfc4514_string()),
+                         ("SHA-256 fingerprint", ca.fingerprint_sha256()),
+                         ("not before", f"{not_before:%Y-%m-%d %H:%M:%S} UTC"),
+                         ("not after", f"{not_after:%Y-%m-%d %H:%M:%S} UTC"),
+                         ("key", describe_key(ca.key)),
+                         ("certificate", ca.cert_path),
+                         ("private key", ca.key_path)):
+        print(f"{label + ':':21}{value}")
+    return 0
+
+
+@_with_config
+def cmd_ca_export(args, config) -> int:
+    """Print the appliance CA certificate (PEM, or DER with --der), creating the CA if this is
+    its first use (with `[ca] key_type`)."""
     from certs.authority import CAError, CertificateAuthority
     try:
-        ca = CertificateAuthority.load_or_create(config.appliance.state_dir, datetime.now(timezone.utc))
+        ca = CertificateAuthority.load_or_create(config.appliance.state_dir,
+                                                 datetime.now(timezone.utc),
+                                                 key_type=config.ca.key_type)
     except (CAError, OSError) as exc:
-        print(f"appliance: CA: {exc}", file=sys.stderr)
-        return 1
-    sys.stdout.write(ca.cert_pem().decode())
+        return _ca_error(exc)
+    if args.der:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(ca.cert_der())
+        sys.stdout.buffer.flush()
+    else:
+        sys.stdout.write(ca.cert_pem().decode())
     return 0
 
 
@@ -88,9 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "version":
             _config_option(p)
     ca = sub.add_parser("ca", help="the appliance CA").add_subparsers(dest="ca_command", required=True)
-    export = ca.add_parser("export", help="print the CA certificate (PEM) for clients to trust")
-    export.set_defaults(func=cmd_ca_export)
-    _config_option(export)
+    for name, func, text in (
+            ("init", cmd_ca_init, "create the CA under state_dir ([ca] key_type) unless it exists"),
+            ("show", cmd_ca_show, "describe the CA: subject, fingerprint, validity, key, files"),
+            ("export", cmd_ca_export, "print the CA certificate for clients to trust")):
+        p = ca.add_parser(name, help=text)
+        p.set_defaults(func=func)
+        _config_option(p)
+        if name == "export":
+            p.add_argument("--der", action="store_true",
+                           help="write DER bytes instead of PEM text (for /ca.der-style installs)")
     users_cli.add_parser(sub, _config_option)
     return parser
 

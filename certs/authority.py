@@ -7,6 +7,8 @@ certificate is what clients install; the PAC listener serves it as `/ca.pem` and
 Certificates follow RFC 5280 (basicConstraints, keyUsage, SKI/AKI, SAN) and the CA/Browser Forum's
 and Apple's rules for leaves (SAN-first, serverAuth EKU, at most 199 days, SHA-256), styled after
 mitmproxy's `certs.py`: the CA lives 10 years, leaves are short-lived, both are backdated a day.
+Keys are ECDSA P-256 unless `[ca] key_type = "rsa"` asks for RSA 2048 (for clients without ECDSA);
+an RSA CA signs with PKCS#1 v1.5 and SHA-256, which every TLS client accepts.
 
 Pure file and crypto code: no sockets, no gevent, no clock (`now` is passed in), so it also runs
 on bookworm's cryptography 38 (no `not_valid_*_utc`, no plural PEM loader, no `backend=`).
@@ -18,6 +20,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Sequence, Union
@@ -33,14 +36,21 @@ BACKDATE = dt.timedelta(days=1)
 MAX_LEAF_VALIDITY = dt.timedelta(days=199)  # Apple/CA-B Forum ceiling from 2026 is 200 days
 MAX_CN_LENGTH = 63  # ub-common-name is 64 (RFC 5280); cryptography >= 43 enforces it
 
-# A loaded CA may be one an admin brought along, so RSA is accepted besides our own EC P-256.
+KEY_TYPES = ("ec", "rsa")  # `[ca] key_type`: ECDSA P-256, or RSA 2048 with exponent 65537
+RSA_KEY_SIZE = 2048
+# Key modes that let anyone but the owner read, or anyone but the owner and group write, the key.
+# Group read stays allowed: the Debian package may share the state with group `appliance`.
+UNSAFE_KEY_MODE = 0o026
+
+# A loaded CA may be one an admin brought along, so either key type is accepted.
 SigningKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
+PublicKey = Union[ec.EllipticCurvePublicKey, rsa.RSAPublicKey]
 
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
 
 
 class CAError(Exception):
-    """The CA files cannot be used; `path` names the file, `message` says what is wrong."""
+    """A CA (or leaf) file cannot be used; `path` names the file, `message` says what is wrong."""
 
     def __init__(self, path: Path | str, message: str) -> None:
         super().__init__(f"{path}: {message}")
@@ -126,16 +136,21 @@ def san_names(cert: x509.Certificate) -> frozenset[str]:
     return frozenset(san.get_values_for_type(x509.DNSName)) | frozenset(ips)
 
 
-def write_atomically(path: Path, data: bytes, mode: int) -> None:
+def write_atomically(path: Path, data: bytes, mode: int, sync: bool = True) -> None:
     """Write `data` to `path` with `mode` via a temp file and os.replace, so readers never see a
-    half-written file and a key file never exists with looser permissions."""
+    half-written file and a key file never exists with looser permissions.
+
+    `sync` makes the bytes durable before the rename, so a crash cannot leave an empty file
+    under the name; files that are checked on every read and can be made again may skip it.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
-            os.fsync(file.fileno())
+            if sync:
+                os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -143,6 +158,33 @@ def write_atomically(path: Path, data: bytes, mode: int) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def generate_key(key_type: str = "ec") -> SigningKey:
+    """A new private key of `key_type` ("ec": P-256, "rsa": 2048 bits, exponent 65537)."""
+    if key_type == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_SIZE)
+    raise ValueError(f"key type must be one of {', '.join(KEY_TYPES)}, not {key_type!r}")
+
+
+def key_type_of(key: object) -> str:
+    """The `[ca] key_type` spelling of a private or public key: "ec" or "rsa"."""
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        return "ec"
+    if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
+        return "rsa"
+    raise ValueError(f"unsupported key type {type(key).__name__}")
+
+
+def describe_key(key: SigningKey | PublicKey) -> str:
+    """What an admin compares with client requirements: "EC P-256 (secp256r1)", "RSA 2048"."""
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        nist = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+        curve = key.curve.name
+        return f"EC {nist[curve]} ({curve})" if curve in nist else f"EC {curve}"
+    return f"{key_type_of(key).upper()} {key.key_size}"
 
 
 def _public_der(key: object) -> bytes:
@@ -172,33 +214,39 @@ class CertificateAuthority:
         return ca_dir / "ca.pem", ca_dir / "ca.key"
 
     @classmethod
+    def exists(cls, state_dir: Path) -> bool:
+        """Whether either CA file is there (half a CA counts: `load` then says what is missing)."""
+        cert_path, key_path = cls.paths(state_dir)
+        try:
+            return cert_path.exists() or key_path.exists()
+        except OSError as exc:  # e.g. a state_dir we may not search
+            raise CAError(cert_path.parent, f"cannot read: {exc.strerror}") from None
+
+    @classmethod
     def load_or_create(cls, state_dir: Path, now: dt.datetime,
-                       common_name: str = "Appliance CA") -> CertificateAuthority:
+                       common_name: str = "Appliance CA",
+                       key_type: str = "ec") -> CertificateAuthority:
         """Load the CA from `state_dir/ca/`, or create it there when neither file exists.
 
         Half a CA (one file without the other) is an error, not a reason to start over: clients
-        may already trust the certificate. Run this once in the parent before forking workers.
+        may already trust the certificate. For the same reason `key_type` only matters when
+        creating; an existing CA keeps its key. Run this once in the parent before forking workers.
         """
-        cert_path, key_path = cls.paths(state_dir)
-        try:
-            neither = not cert_path.exists() and not key_path.exists()
-        except OSError as exc:  # e.g. a state_dir we may not search
-            raise CAError(cert_path.parent, f"cannot read: {exc.strerror}") from None
-        if neither:
-            return cls.create(state_dir, now, common_name)
+        if not cls.exists(state_dir):
+            return cls.create(state_dir, now, common_name, key_type)
         return cls.load(state_dir, now)
 
     @classmethod
-    def create(cls, state_dir: Path, now: dt.datetime,
-               common_name: str = "Appliance CA") -> CertificateAuthority:
-        """A new CA: EC P-256, self-signed, 10 years from a day ago; written key first."""
+    def create(cls, state_dir: Path, now: dt.datetime, common_name: str = "Appliance CA",
+               key_type: str = "ec") -> CertificateAuthority:
+        """A new CA: a `key_type` key, self-signed, 10 years from a day ago; key written first."""
         if not 1 <= len(common_name) <= MAX_CN_LENGTH:
             raise ValueError(f"CA common name must be 1 to {MAX_CN_LENGTH} characters")
         cert_path, key_path = cls.paths(state_dir)
         for path in (cert_path, key_path):
             if path.exists():
                 raise CAError(path, "exists already; remove both CA files to create a new CA")
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = generate_key(key_type)
         cert = _self_signed(key, common_name, utc_seconds(now))
         try:
             cert_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -211,7 +259,8 @@ class CertificateAuthority:
 
     @classmethod
     def load(cls, state_dir: Path, now: dt.datetime) -> CertificateAuthority:
-        """Load and check the CA: parseable, a CA, key matching, not expired at `now`."""
+        """Load and check the CA: parseable, a CA, key matching, not expired at `now`, and the key
+        file closed to other users (a key anyone can read lets them intercept every client)."""
         cert_path, key_path = cls.paths(state_dir)
         cert = _load_cert(cert_path)
         key = _load_key(key_path)
@@ -254,22 +303,24 @@ class CertificateAuthority:
             return False
         return True
 
-    def issue(self, names: Sequence[str], now: dt.datetime, days: int) -> tuple[bytes, bytes]:
+    def issue(self, names: Sequence[str], now: dt.datetime, days: int,
+              key_type: str = "ec") -> tuple[bytes, bytes]:
         """A server leaf for `names`: (chain PEM = leaf + CA, unencrypted PKCS8 key PEM).
 
-        The first name becomes the CN only when it fits (<= 63 characters); otherwise the subject
-        is empty and the SAN is critical (RFC 5280 4.2.1.6). Validity runs from a day before
-        `now` to `days` after it, capped at 199 days in all and at the CA's own expiry.
+        The leaf gets a new `key_type` key, whatever the CA's own key is. The first name becomes
+        the CN only when it fits (<= 63 characters); otherwise the subject is empty and the SAN
+        is critical (RFC 5280 4.2.1.6). Validity runs from a day before `now` to `days` after
+        it, capped at 199 days in all and at the CA's own expiry.
         """
         if days < 1:
             raise ValueError("days must be at least 1")
         names = normalize_names(names)
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = generate_key(key_type)
         cert = self._leaf(names, key.public_key(), utc_seconds(now), days)
         return cert.public_bytes(serialization.Encoding.PEM) + self.cert_pem(), _key_pem(key)
 
-    def _leaf(self, names: tuple[str, ...], public: ec.EllipticCurvePublicKey,
-              now: dt.datetime, days: int) -> x509.Certificate:
+    def _leaf(self, names: tuple[str, ...], public: PublicKey, now: dt.datetime,
+              days: int) -> x509.Certificate:
         not_before = now - BACKDATE
         not_after = min(now + dt.timedelta(days=days), not_before + MAX_LEAF_VALIDITY,
                         validity_utc(self.cert)[1])
@@ -285,7 +336,10 @@ class CertificateAuthority:
             .not_valid_after(not_after)
             .add_extension(x509.SubjectAlternativeName(_san(names)), critical=not short)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(digital_signature=True), critical=True)
+            # RSA leaves also allow keyEncipherment, for TLS 1.2 clients without (EC)DHE suites.
+            .add_extension(_key_usage(digital_signature=True,
+                                      key_encipherment=isinstance(public, rsa.RSAPublicKey)),
+                           critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                            critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
@@ -301,14 +355,16 @@ class CertificateAuthority:
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
-def _key_usage(digital_signature: bool = False, cert_sign: bool = False) -> x509.KeyUsage:
+def _key_usage(digital_signature: bool = False, cert_sign: bool = False,
+               key_encipherment: bool = False) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=digital_signature, content_commitment=False, key_encipherment=False,
+        digital_signature=digital_signature, content_commitment=False,
+        key_encipherment=key_encipherment,
         data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
         crl_sign=cert_sign, encipher_only=False, decipher_only=False)
 
 
-def _self_signed(key: ec.EllipticCurvePrivateKey, common_name: str,
+def _self_signed(key: SigningKey, common_name: str,
                  now: dt.datetime) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     public = key.public_key()
@@ -334,9 +390,17 @@ def _key_pem(key: SigningKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path, private: bool = False) -> bytes:
+    """The file's bytes; a `private` one only when its mode keeps other users out (checked with
+    fstat on the open file, so the mode checked is that of the bytes read)."""
     try:
-        return path.read_bytes()
+        with open(path, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if private and mode & UNSAFE_KEY_MODE:
+                raise CAError(path, f"mode {stat.S_IMODE(mode):04o} lets other users read or "
+                                    f"change the private key; run `chmod 600 {path}` "
+                                    f"(group read, 0640, is allowed too)")
+            return file.read()
     except FileNotFoundError:
         raise CAError(path, "missing; restore it, or remove both CA files to create a new CA")
     except OSError as exc:
@@ -352,7 +416,7 @@ def _load_cert(path: Path) -> x509.Certificate:
 
 def _load_key(path: Path) -> SigningKey:
     try:
-        key = serialization.load_pem_private_key(_read(path), password=None)
+        key = serialization.load_pem_private_key(_read(path, private=True), password=None)
     except TypeError:
         raise CAError(path, "private key is encrypted; the appliance needs it unencrypted")
     except (ValueError, UnsupportedAlgorithm) as exc:

@@ -22,7 +22,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from certs.authority import CAError, CertificateAuthority, normalize_names, validity_utc
+from certs.authority import (
+    CAError,
+    CertificateAuthority,
+    describe_key,
+    key_type_of,
+    normalize_names,
+    validity_utc,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 NOW = dt.datetime(2025, 6, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -40,8 +47,13 @@ def leaf_of(chain_pem: bytes) -> x509.Certificate:
 
 def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     # cryptography 38 has no verify_directly_issued_by: check the signature by hand.
-    issuer.public_key().verify(cert.signature, cert.tbs_certificate_bytes,
-                               ec.ECDSA(cert.signature_hash_algorithm))
+    public = issuer.public_key()
+    if isinstance(public, rsa.RSAPublicKey):
+        public.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
+                      cert.signature_hash_algorithm)
+    else:
+        public.verify(cert.signature, cert.tbs_certificate_bytes,
+                      ec.ECDSA(cert.signature_hash_algorithm))
     return cert.issuer == issuer.subject
 
 
@@ -186,6 +198,7 @@ def test_rsa_ca_brought_along_can_sign(tmp_path):
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.TraditionalOpenSSL,
                                            serialization.NoEncryption()))
+    key_path.chmod(0o600)
     ca = CertificateAuthority.load_or_create(tmp_path, NOW)
     leaf = leaf_of(ca.issue(["example.com"], NOW, 30)[0])
     key.public_key().verify(leaf.signature, leaf.tbs_certificate_bytes, padding.PKCS1v15(),
@@ -193,6 +206,95 @@ def test_rsa_ca_brought_along_can_sign(tmp_path):
     assert ca.issued(leaf)
     aki = ext(leaf, x509.AuthorityKeyIdentifier).value
     assert aki == x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
+
+
+# --- key types -------------------------------------------------------------------------------
+
+def test_rsa_ca_is_2048_bits_with_exponent_65537(tmp_path):
+    ca = CertificateAuthority.load_or_create(tmp_path, NOW, key_type="rsa")
+    assert isinstance(ca.key, rsa.RSAPrivateKey)
+    assert ca.key.key_size == 2048 and ca.key.public_key().public_numbers().e == 65537
+    assert stat.S_IMODE(ca.key_path.stat().st_mode) == 0o600
+    assert isinstance(ca.cert.signature_hash_algorithm, hashes.SHA256)
+    assert signed_by(ca.cert, ca.cert)  # PKCS#1 v1.5 with SHA-256
+    assert ext(ca.cert, x509.BasicConstraints).value.ca
+    again = CertificateAuthority.load_or_create(tmp_path, NOW + DAY)
+    assert again.cert == ca.cert and key_type_of(again.key) == "rsa"
+
+
+@pytest.mark.parametrize("ca_type", ["ec", "rsa"])
+@pytest.mark.parametrize("leaf_type", ["ec", "rsa"])
+def test_every_ca_type_signs_every_leaf_type(tmp_path, ca_type, leaf_type):
+    ca = CertificateAuthority.create(tmp_path, NOW, key_type=ca_type)
+    chain, key_pem = ca.issue(["example.com", "192.0.2.1"], NOW, 90, key_type=leaf_type)
+    leaf = leaf_of(chain)
+    assert signed_by(leaf, ca.cert) and ca.issued(leaf)
+    assert isinstance(leaf.signature_hash_algorithm, hashes.SHA256)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    assert key_type_of(key) == key_type_of(leaf.public_key()) == leaf_type
+    assert key_type_of(ca.key) == ca_type
+    if leaf_type == "rsa":
+        assert key.key_size == 2048 and key.public_key().public_numbers().e == 65537
+    else:
+        assert isinstance(key.curve, ec.SECP256R1)
+    usage = ext(leaf, x509.KeyUsage).value
+    assert usage.digital_signature and usage.key_encipherment == (leaf_type == "rsa")
+    assert list(ext(leaf, x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    other = CertificateAuthority.create(tmp_path / "other", NOW, key_type=ca_type)
+    assert not other.issued(leaf)
+
+
+def test_key_type_only_matters_when_creating(tmp_path):
+    CertificateAuthority.load_or_create(tmp_path, NOW, key_type="ec")
+    again = CertificateAuthority.load_or_create(tmp_path, NOW, key_type="rsa")
+    assert key_type_of(again.key) == "ec"
+
+
+def test_unknown_key_type_is_refused_before_writing(tmp_path, ca):
+    with pytest.raises(ValueError, match="dsa"):
+        CertificateAuthority.create(tmp_path / "new", NOW, key_type="dsa")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="ed25519"):
+        ca.issue(["example.com"], NOW, 30, key_type="ed25519")
+
+
+def test_describe_key(tmp_path, ca):
+    assert describe_key(ca.key) == "EC P-256 (secp256r1)"
+    assert describe_key(ca.cert.public_key()) == "EC P-256 (secp256r1)"
+    rsa_ca = CertificateAuthority.create(tmp_path / "rsa", NOW, key_type="rsa")
+    assert describe_key(rsa_ca.key) == "RSA 2048"
+
+
+# --- the key file's mode ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o606, 0o660, 0o620, 0o602, 0o666, 0o777])
+def test_key_open_to_others_is_refused(tmp_path, ca, mode):
+    ca.key_path.chmod(mode)
+    with pytest.raises(CAError) as err:
+        CertificateAuthority.load_or_create(tmp_path / "state", NOW)
+    assert err.value.path == ca.key_path
+    assert f"mode {mode:04o}" in err.value.message
+    assert f"chmod 600 {ca.key_path}" in str(err.value)
+    assert stat.S_IMODE(ca.key_path.stat().st_mode) == mode  # refused, not "fixed" behind a back
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o400, 0o440])
+def test_key_closed_to_others_is_accepted(tmp_path, ca, mode):
+    ca.key_path.chmod(mode)
+    assert CertificateAuthority.load_or_create(tmp_path / "state", NOW).cert == ca.cert
+
+
+def test_certificate_may_be_world_readable(tmp_path, ca):
+    assert stat.S_IMODE(ca.cert_path.stat().st_mode) == 0o644
+    ca.cert_path.chmod(0o666)
+    assert CertificateAuthority.load(tmp_path / "state", NOW).cert == ca.cert
+
+
+def test_exists_counts_half_a_ca(tmp_path, ca):
+    assert CertificateAuthority.exists(tmp_path / "state")
+    assert not CertificateAuthority.exists(tmp_path / "nothing")
+    ca.cert_path.unlink()
+    assert CertificateAuthority.exists(tmp_path / "state")
 
 
 # --- leaves ----------------------------------------------------------------------------------

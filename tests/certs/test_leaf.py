@@ -11,8 +11,10 @@ import stat
 import pytest
 from cryptography import x509
 
-from certs.authority import CertificateAuthority, validity_utc
-from certs.leaf import LeafCertCache, fresh, issue_files
+from certs.authority import CertificateAuthority, key_type_of, validity_utc
+from certs.leaf import LeafCertCache, RecentlyUsed, fresh, issue_files
+
+from .tls_pair import client_context, handshake, server_context
 
 NOW = dt.datetime(2025, 6, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 DAY = dt.timedelta(days=1)
@@ -116,6 +118,22 @@ def test_reissued_when_files_are_damaged(tmp_path, ca, damage):
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize("key_type", ["ec", "rsa"])
+def test_issue_files_keeps_only_the_asked_key_type(tmp_path, ca, key_type):
+    other = "rsa" if key_type == "ec" else "ec"
+    pem_path, key_path = issue_files(ca, NAMES, tmp_path / "tls", "https", NOW, 90, key_type)
+    first = serial(pem_path)
+    assert key_type_of(x509.load_pem_x509_certificate(pem_path.read_bytes()).public_key()) \
+        == key_type
+    issue_files(ca, NAMES, tmp_path / "tls", "https", NOW, 90, key_type)
+    assert serial(pem_path) == first
+    issue_files(ca, NAMES, tmp_path / "tls", "https", NOW, 90, other)
+    assert serial(pem_path) != first
+    assert key_type_of(x509.load_pem_x509_certificate(pem_path.read_bytes()).public_key()) \
+        == other
+    server_context((pem_path, key_path))  # the pair matches
+
+
 def test_fresh_boundary():
     start, end = NOW, NOW + 90 * DAY
     assert fresh(start, end, NOW + 59 * DAY)
@@ -166,33 +184,30 @@ def test_cache_clear_and_bounds(ca):
         LeafCertCache(ca, days=30, max_entries=0)
 
 
+def test_cache_mints_the_asked_key_type(tmp_path):
+    rsa_ca = CertificateAuthority.load_or_create(tmp_path / "rsa", NOW, key_type="rsa")
+    cache = LeafCertCache(rsa_ca, days=30, key_type="rsa")
+    chain_pem, _ = cache.get(["example.com"], NOW)
+    leaf = x509.load_pem_x509_certificate(chain_pem)
+    assert key_type_of(leaf.public_key()) == "rsa" and rsa_ca.issued(leaf)
+
+
+def test_recently_used_keeps_the_newest():
+    recent = RecentlyUsed(2)
+    recent.put("a", 1)
+    recent.put("b", 2)
+    assert recent.get("a") == 1  # a is now the most recently used
+    recent.put("c", 3)
+    assert "b" not in recent and recent.get("b") is None
+    assert len(recent) == 2 and recent.get("a") == 1 and recent.get("c") == 3
+    recent.pop("a")
+    recent.pop("missing")
+    assert len(recent) == 1
+    with pytest.raises(ValueError):
+        RecentlyUsed(0)
+
+
 # --- a real TLS handshake, in memory ---------------------------------------------------------
-
-def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname: str):
-    """Run a TLS handshake between two SSLObjects over MemoryBIOs; return (client, server)."""
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=hostname)
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    done = set()
-    for _ in range(10):  # TLS 1.3 needs 2 round trips, 1.2 needs 3
-        for side in (client, server):
-            if side not in done:
-                try:
-                    side.do_handshake()
-                    done.add(side)
-                except ssl.SSLWantReadError:
-                    pass
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
-        if len(done) == 2:
-            break
-    else:
-        pytest.fail("handshake did not finish")
-    client.write(b"ping")
-    s_in.write(c_out.read())
-    assert server.read(4) == b"ping"
-    return client, server
-
 
 @pytest.fixture
 def tls_files(tmp_path):
@@ -200,19 +215,6 @@ def tls_files(tmp_path):
     now = dt.datetime.now(dt.timezone.utc)
     ca = CertificateAuthority.load_or_create(tmp_path / "state", now)
     return ca, issue_files(ca, NAMES, tmp_path / "state" / "tls", "https", now, 90)
-
-
-def server_context(files) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(*files)
-    return context
-
-
-def client_context(cafile) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(cafile))
-    context.verify_flags |= ssl.VERIFY_X509_STRICT  # Python 3.13's default; be ready for it
-    assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
-    return context
 
 
 @pytest.mark.parametrize("hostname", ["localhost", "127.0.0.1", "::1", "proxy.localhost"])
