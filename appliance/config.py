@@ -108,6 +108,13 @@ class TlsSection:
 @dataclass(frozen=True)
 class CaSection:
     leaf_days: int = 90
+    key_type: str = "ec"             # the CA's and leaves' keys: "ec" (P-256) or "rsa" (2048 bits)
+    leaf_cache_entries: int = 1024   # minted leaves kept in memory per worker (also kept on disk)
+
+
+@dataclass(frozen=True)
+class InterceptSection:
+    no_sni: str = "passthrough"      # transparent TLS without a server name: passthrough | intercept | deny
 
 
 @dataclass(frozen=True)
@@ -182,6 +189,7 @@ class Config:
     listen: ListenSection = field(default_factory=ListenSection)
     tls: TlsSection = field(default_factory=TlsSection)
     ca: CaSection = field(default_factory=CaSection)
+    intercept: InterceptSection = field(default_factory=InterceptSection)
     upstream: UpstreamSection = field(default_factory=UpstreamSection)
     pac: PacSection = field(default_factory=PacSection)
     dns: DnsSection = field(default_factory=DnsSection)
@@ -282,7 +290,9 @@ _SECTIONS: dict[str, tuple[type, dict[str, Convert]]] = {
     }),
     "listen": (ListenSection, dict.fromkeys(_LISTENERS, each(address()))),
     "tls": (TlsSection, {"cert": optional_path, "key": optional_path}),
-    "ca": (CaSection, {"leaf_days": integer(1, 199)}),
+    "ca": (CaSection, {"leaf_days": integer(1, 199), "key_type": choice("ec", "rsa"),
+                       "leaf_cache_entries": integer(1, 10**6)}),
+    "intercept": (InterceptSection, {"no_sni": choice("passthrough", "intercept", "deny")}),
     "upstream": (UpstreamSection, {
         "ca_file": optional_path, "nameservers": _RESOLVERS,
         "connect_timeout": seconds, "response_timeout": seconds,

@@ -31,6 +31,12 @@ class ProxyContext:
         """Client TLS context toward origins (wss:// behind extended CONNECT, later more)."""
         return origin_tls_context(self.config.upstream.ca_file)
 
+    @cached_property
+    def leaf_contexts(self):
+        """TLS contexts with leaves minted for intercepted names (loads or creates the CA)."""
+        from .frontends.intercept import LeafContexts
+        return LeafContexts(self)
+
     @classmethod
     def from_config(cls, config: Config, observer: Observer) -> "ProxyContext":
         resolver = Resolver(config.upstream.nameservers, timeout=config.upstream.connect_timeout)

@@ -78,6 +78,7 @@ def http_reply(exc: BaseException) -> Reply:
 
 _REASONS = {
     400: "Bad Request", 403: "Forbidden", 404: "Not Found", 407: "Proxy Authentication Required",
+    405: "Method Not Allowed", 421: "Misdirected Request",
     500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
     504: "Gateway Timeout", 505: "HTTP Version Not Supported", 508: "Loop Detected",
 }

@@ -24,7 +24,7 @@ class AccessRecord:
 
     listener: str
     client: str
-    kind: str = "request"                 # request | tunnel | websocket
+    kind: str = "request"                 # request | tunnel | websocket | intercept | tls
     method: str = "-"
     target: str = "-"
     status: int = 0
@@ -47,7 +47,7 @@ class AccessRecord:
     def squid_result(self) -> str:
         if self.error and self.error.startswith("denied"):
             return "TCP_DENIED"
-        if self.kind in ("tunnel", "websocket") and self.status in (101, 200):
+        if self.kind in ("tunnel", "websocket", "intercept") and self.status in (101, 200):
             return "TCP_TUNNEL"
         if self.status == 0 or (self.error and self.error.startswith("protocol")):
             return "NONE_NONE"

@@ -24,7 +24,7 @@ from .protocols.http1 import (
 )
 from .reader import SocketReader
 from .relay import StreamGone, shutdown_socket
-from .upstream import OriginConnection, connect, wrap_tls
+from .upstream import OriginConnection, OriginRoute, connect, wrap_tls
 
 Upload = Callable[[socket.socket], None]
 _BODY_FAILURES = (ClientError, UpstreamError, RemoteProtocolError, StreamGone)
@@ -32,14 +32,17 @@ _BODY_FAILURES = (ClientError, UpstreamError, RemoteProtocolError, StreamGone)
 
 class OriginRequest:
     def __init__(self, ctx: ProxyContext, target: Target, head: bytes, method: str,
-                 framing: Framing, fresh: bool = False, tls: bool = False) -> None:
+                 framing: Framing, fresh: bool = False, tls: bool = False,
+                 address: str | None = None, tls_host: str | None = None) -> None:
         self.ctx = ctx
         self.target = target
         self.head = head
         self.method = method
         self.framing = framing
-        self.fresh = fresh or tls          # TLS connections are not pooled
+        self.fresh = fresh                 # a connection of its own (Upgrade), never pooled
         self.tls = tls
+        self.address = address             # dial this address instead of resolving the host
+        self.tls_host = tls_host or target.host   # the name the origin's certificate must carry
         self.timeout = ctx.config.upstream.response_timeout
         self.max_header_bytes = ctx.config.limits.max_header_bytes
         self.conn: OriginConnection | None = None
@@ -49,15 +52,25 @@ class OriginRequest:
 
     # --- request ----------------------------------------------------------------------------
 
+    @classmethod
+    def routed(cls, ctx: ProxyContext, route: OriginRoute | None, target: Target, head: bytes,
+               method: str, framing: Framing, fresh: bool = False) -> OriginRequest:
+        """A request toward `target`, or, on an intercepted connection, toward its route."""
+        if route is None:
+            return cls(ctx, target, head, method, framing, fresh, tls=target.scheme in ("https", "wss"))
+        return cls(ctx, target, head, method, framing, fresh, tls=route.tls, address=route.address,
+                   tls_host=route.host)
+
     def _open(self) -> OriginConnection:
-        host, port = self.target.host, self.target.port
+        host, port = self.tls_host, self.target.port
+        tls = self.ctx.origin_tls if self.tls else None
         if self.fresh:
             timeout = self.ctx.config.upstream.connect_timeout
-            sock = connect(self.ctx.resolver, host, port, timeout)
-            if self.tls:
-                sock = wrap_tls(sock, self.ctx.origin_tls, host, timeout)
+            sock = connect(self.ctx.resolver, host, port, timeout, self.address)
+            if tls is not None:
+                sock = wrap_tls(sock, tls, host, timeout)
             return OriginConnection(sock, (host, port))
-        return self.ctx.pool.get(host, port)
+        return self.ctx.pool.get(host, port, tls, self.address)
 
     def send(self, upload: Upload | None = None,
              informational: Callable[[bytes, ResponseHead], None] | None = None) -> ResponseHead:

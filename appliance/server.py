@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from datetime import datetime, timezone
 
 import gevent
 from gevent import socket
@@ -23,21 +24,26 @@ from .context import ProxyContext
 from .frontends.admin import PROMETHEUS_TEXT, AdminSession, json_body
 from .frontends.http1 import Http1Session
 from .frontends.tls import TlsSession, listener_certificate, server_context
+from .frontends.transparent import TransparentHttpSession, TransparentTlsSession
+from .netfilter import allow_tproxy
 from .observe import AccessLog, Observer
 
 log = logging.getLogger("appliance.server")
 
-IMPLEMENTED = ("http", "https", "admin")
-PLANNED = ("socks5", "pac", "dns", "transparent_http", "transparent_tls")
+IMPLEMENTED = ("http", "https", "admin", "pac", "transparent_http", "transparent_tls")
+PLANNED = ("socks5", "dns")
+TRANSPARENT = ("transparent_http", "transparent_tls")
 DRAIN_SECONDS = 10.0
 
 
-def listening_socket(address: Address, backlog: int = 1024) -> socket.socket:
+def listening_socket(address: Address, backlog: int = 1024, transparent: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if transparent and not allow_tproxy(sock):
+        log.info("%s: no IP_TRANSPARENT (needs CAP_NET_ADMIN): REDIRECT works, TPROXY does not", address)
     sock.bind((address.host, address.port))
     sock.listen(backlog)
     return sock
@@ -56,34 +62,58 @@ class ApplianceServer:
 
     # --- listeners --------------------------------------------------------------------------
 
-    def _handler(self, kind: str):
+    def _handler(self, kind: str, address: Address):
+        listening = (address.host, address.port)
+        if kind == "transparent_http":
+            return lambda sock, addr: TransparentHttpSession(self.ctx, sock, addr, listening).run()
+        if kind == "transparent_tls":
+            return lambda sock, addr: TransparentTlsSession(self.ctx, sock, addr, listening).run()
+        if kind == "pac":
+            return self._session(self._pac_routes())
         if kind == "http":
             return lambda sock, addr: Http1Session(self.ctx, sock, addr, "http").run()
         if kind == "https":
             context = server_context(*listener_certificate(self.config))
             return lambda sock, addr: TlsSession(self.ctx, context, sock, addr, "https").run()
-        routes = {"/healthz": self._healthz, "/metrics": self._metrics, "/status": self._status}
+        return self._session({"/healthz": self._healthz, "/metrics": self._metrics, "/status": self._status})
+
+    def _session(self, routes):
         limits = self.config.limits
         return lambda sock, addr: AdminSession(sock, addr, routes, limits.client_idle_timeout,
                                                limits.max_header_bytes).run()
+
+    def _pac_routes(self):
+        """The pac listener: the CA for clients to install (the PAC file itself comes later)."""
+        from certs import CertificateAuthority
+        ca = CertificateAuthority.load_or_create(self.config.appliance.state_dir, datetime.now(timezone.utc),
+                                                 key_type=self.config.ca.key_type)
+        pem, der = ca.cert_pem(), ca.cert_der()
+        return {"/ca.pem": lambda: (200, "application/x-pem-file", pem),
+                "/ca.der": lambda: (200, "application/x-x509-ca-cert", der)}
 
     def start(self) -> None:
         listen = self.config.listen
         if self.config.appliance.workers > 1:
             log.warning("appliance.workers = %d: this version serves from one process",
                         self.config.appliance.workers)
+        if self._intercepts():
+            self.ctx.leaf_contexts          # the CA now, not at the first intercepted client
         for kind in PLANNED:
             if getattr(listen, kind):
                 log.warning("listen.%s is configured but not available in this version; not started", kind)
         for kind in IMPLEMENTED:
-            addresses = getattr(listen, kind)
-            handler = self._handler(kind) if addresses else None
-            for address in addresses:
-                server = StreamServer(listening_socket(address), handler, spawn=self._pool)
+            for address in getattr(listen, kind):
+                handler = self._handler(kind, address)
+                server = StreamServer(listening_socket(address, transparent=kind in TRANSPARENT),
+                                      handler, spawn=self._pool)
                 server.start()
                 self.servers.append((kind, server))
                 log.info("%s listener on %s", kind, address)
         log.info("appliance %s ready", __version__)
+
+    def _intercepts(self) -> bool:
+        return bool(self.config.listen.transparent_tls) or any(
+            rule.action == "intercept" for rule in self.config.rules)
 
     @property
     def ready(self) -> bool:

@@ -28,6 +28,10 @@ DNS_CACHE_SECONDS = 30.0
 DNS_CACHE_ENTRIES = 4096
 
 
+def is_ip_literal(host: str) -> bool:
+    return _literal(host) is not None
+
+
 def _literal(host: str) -> str | None:
     try:
         return str(ipaddress.ip_address(host))
@@ -131,11 +135,33 @@ class Resolver:
         return [str(rr.rdata) for rr in reply.rr if rr.rtype == getattr(QTYPE, qtype)]
 
 
-def connect(resolver: Resolver, host: str, port: int, timeout: float) -> socket.socket:
-    """Open a TCP connection to host:port, trying each address in turn within `timeout`."""
+@dataclass(frozen=True)
+class OriginRoute:
+    """Where the requests of an intercepted connection go, whatever they name.
+
+    A transparent or intercepted client dialled one address (or one CONNECT target); its
+    requests are sent there and nowhere else. `host` is the name the origin's TLS certificate
+    must carry (the SNI or CONNECT host) and the only host such requests may name; None for
+    transparent plain HTTP, where each request's Host is checked against `address` instead.
+    """
+
+    scheme: str                      # "http" or "https" toward the origin
+    host: str | None
+    port: int
+    address: str | None = None       # the original destination to dial; None: resolve `host`
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+
+def connect(resolver: Resolver, host: str, port: int, timeout: float,
+            address: str | None = None) -> socket.socket:
+    """Open a TCP connection to host:port (or to `address`, if given), trying each address of
+    the name in turn within `timeout`."""
     deadline = time.monotonic() + timeout
     target = f"{host}:{port}"
-    addresses = resolver.resolve(host)
+    addresses = [address] if address else resolver.resolve(host)
     last: UpstreamError | None = None
     for address in addresses:
         left = deadline - time.monotonic()
@@ -179,10 +205,13 @@ def wrap_tls(sock: socket.socket, context: ssl.SSLContext, host: str, timeout: f
     except socket.timeout:
         sock.close()
         raise UpstreamError("timeout", host, "TLS handshake timed out") from None
+    except ssl.SSLCertVerificationError as exc:
+        sock.close()
+        raise UpstreamError("tls", host, f"origin certificate verification failed: "
+                            f"{exc.verify_message or exc.reason or exc}") from None
     except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
         sock.close()
-        raise UpstreamError("tls", host, getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
-                            or str(exc)) from None
+        raise UpstreamError("tls", host, getattr(exc, "reason", None) or str(exc)) from None
 
 
 @dataclass
@@ -190,7 +219,7 @@ class OriginConnection:
     """A connection to an origin and the bytes read past the last response."""
 
     sock: socket.socket
-    key: tuple[str, int]
+    key: tuple
     buffered: bytes = b""
     reused: bool = False
     idle_since: float = field(default_factory=time.monotonic)
@@ -203,17 +232,20 @@ class OriginConnection:
 
 
 class OriginPool:
-    """Bounded keep-alive pool of origin connections, newest first, per (host, port)."""
+    """Bounded keep-alive pool of origin connections, newest first, per (host, port, TLS
+    context, dialled address): an intercepted client's connections never serve another route."""
 
     def __init__(self, settings: UpstreamSection, resolver: Resolver) -> None:
         self.settings = settings
         self.resolver = resolver
-        self._idle: OrderedDict[tuple[str, int], list[OriginConnection]] = OrderedDict()
+        self._idle: OrderedDict[tuple, list[OriginConnection]] = OrderedDict()
         self._count = 0
 
-    def get(self, host: str, port: int) -> OriginConnection:
-        """A live idle connection if one is pooled, else a new one."""
-        key = (host, port)
+    def get(self, host: str, port: int, tls: ssl.SSLContext | None = None,
+            address: str | None = None) -> OriginConnection:
+        """A live idle connection if one is pooled, else a new one (TLS-verified for `host`
+        when `tls` is given, dialled to `address` when given)."""
+        key = (host, port, id(tls) if tls is not None else None, address)
         conns = self._idle.get(key)
         while conns:
             conn = conns.pop()
@@ -225,7 +257,10 @@ class OriginPool:
                 return conn
             conn.close()
             conns = self._idle.get(key)
-        sock = connect(self.resolver, host, port, self.settings.connect_timeout)
+        timeout = self.settings.connect_timeout
+        sock = connect(self.resolver, host, port, timeout, address)
+        if tls is not None:
+            sock = wrap_tls(sock, tls, host, timeout)
         return OriginConnection(sock, key)
 
     def put(self, conn: OriginConnection) -> None:
@@ -257,10 +292,15 @@ class OriginPool:
             return False
         conn.sock.settimeout(0.0)
         try:
-            conn.sock.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
+            if isinstance(conn.sock, ssl.SSLSocket):
+                # TLS 1.3 session tickets arrive after the handshake: a read that only
+                # consumes records and wants more is an idle connection, data is not.
+                conn.sock.recv(1)
+            else:
+                conn.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, ssl.SSLWantReadError):
             return True
-        except OSError:
+        except (OSError, ValueError):
             return False
         return False                      # EOF (b"") or bytes nobody asked for: not reusable
 

@@ -55,22 +55,35 @@ def test_shipped_config_loads_with_loopback_listeners():
     assert config.listen.http == (Address("127.0.0.1", 3128),)
     assert config.listen.admin == (Address("127.0.0.1", 9090),)
     assert config.listen.https == (Address("127.0.0.1", 8443),)
-    # Not in this version yet: present in the file, but commented out.
+    assert config.listen.pac == (Address("127.0.0.1", 8080),)
+    # Present in the file but commented out: not in this version yet, or (transparent) useful
+    # only with the gateway's iptables rules.
     listen = config.listen
-    assert listen.socks5 == listen.pac == listen.dns == ()
+    assert listen.socks5 == listen.dns == ()
     assert listen.transparent_http == listen.transparent_tls == ()
     for field in dataclasses.fields(listen):
         assert all(ipaddress.ip_address(a.host).is_loopback for a in getattr(listen, field.name))
 
 
 def test_shipped_config_allows_loopback_and_private_ranges_only():
-    (rule,) = load(SHIPPED).rules
+    pinned, rule = load(SHIPPED).rules
     assert rule.action == "allow"
-    assert rule.line == SHIPPED.read_text().splitlines().index("[[rule]]") + 1
+    lines = SHIPPED.read_text().splitlines()
+    assert rule.line == lines.index("[[rule]]", pinned.line) + 1
     assert rule.dst == rule.ports == rule.users == ()
     names = {str(network) for network in rule.src}
     private = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"}
     assert names == {"127.0.0.0/8", "::1/128"} | private
+    assert pinned.src == rule.src            # passthrough must not open the proxy to others
+
+
+def test_shipped_config_passes_pinned_apps_through():
+    from appliance.policy import Intent, decide
+    rules = load(SHIPPED).rules
+    for host, action in (("gateway.icloud.com", "passthrough"), ("apple.com", "passthrough"),
+                         ("www.googleapis.com", "passthrough"), ("example.com", "allow")):
+        assert decide(rules, Intent("192.168.1.20", "transparent_tls", "tunnel", host, 443)).action == action
+    assert decide(rules, Intent("203.0.113.9", "transparent_tls", "tunnel", "apple.com", 443)).action == "deny"
 
 
 def test_shipped_config_has_the_defaults_of_the_dataclasses():
@@ -91,12 +104,14 @@ def test_shipped_config_documents_every_key():
 
 def test_shipped_examples_in_comments_are_valid(tmp_path):
     # Uncommenting every commented-out setting must give a valid config too.
-    text = re.sub(r"^# (\w+ = )", r"\1", SHIPPED.read_text(), flags=re.M)
+    text = re.sub(r"^# (\w+ = |\[\[rule\]\])", r"\1", SHIPPED.read_text(), flags=re.M)
     text = text.replace('users_file = ""', 'users_file = "users"')
     config = parse(text, base_dir=tmp_path)
     assert config.listen.https == (Address("127.0.0.1", 8443),)
     assert config.listen.transparent_tls == (Address("0.0.0.0", 3130),)
-    assert config.rules[0].ports == ((443, 443), (8000, 8999))
+    rules = {rule.name: rule for rule in config.rules}
+    assert rules["local networks"].ports == ((443, 443), (8000, 8999))
+    assert rules["inspect the web"].action == "intercept"
 
 
 # -- purity ----------------------------------------------------------------------------------------
@@ -384,7 +399,7 @@ def test_unknown_key_suggests_the_closest_known_one():
 
 def test_unknown_key_without_a_close_one_lists_the_known_ones():
     error = only_error("[ca]\nzzz = 1")
-    assert "known keys are leaf_days" in error.message
+    assert "known keys are key_type, leaf_cache_entries, leaf_days" in error.message
 
 
 def test_unknown_section_suggests_the_closest_known_one():

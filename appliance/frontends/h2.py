@@ -29,10 +29,12 @@ from gevent.queue import Queue
 
 from .. import relay
 from ..compat import GoawayTolerantH2Connection
+from ..admission import Identity
 from ..context import ProxyContext
 from ..errors import ClientError
 from ..observe import AccessRecord
 from ..protocols import h2_mapping as h2map
+from ..upstream import OriginRoute
 from .client_session import ClientSession
 from .h2_exchange import H2Exchange
 
@@ -149,8 +151,9 @@ class H2Stream(relay.StreamSide):
 class H2Session(ClientSession):
     """One HTTP/2 connection from a client, inside TLS."""
 
-    def __init__(self, ctx: ProxyContext, sock: socket.socket, address, listener: str) -> None:
-        super().__init__(ctx, sock, address, listener)
+    def __init__(self, ctx: ProxyContext, sock: socket.socket, address, listener: str,
+                 route: OriginRoute | None = None, identity: Identity | None = None) -> None:
+        super().__init__(ctx, sock, address, listener, route, identity)
         self.conn = GoawayTolerantH2Connection(h2.config.H2Configuration(
             client_side=False, header_encoding=None, validate_inbound_headers=False,
             normalize_inbound_headers=False))

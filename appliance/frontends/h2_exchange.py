@@ -17,7 +17,7 @@ import h2.errors
 from gevent import socket
 
 from .. import relay
-from ..admission import admit
+from ..admission import Identity
 from ..errors import AuthRequired, ClientError, PolicyDenied, UpstreamError, http_reply
 from ..observe import AccessRecord
 from ..origin_request import OriginRequest
@@ -98,20 +98,24 @@ class H2Exchange:
         log.info("h2 %s %s %s from %s: %s", self.record.method, self.record.target,
                  self.record.status, self.s.client_ip, reply.log_error)
 
-    def authorize(self, req, kind: str, scheme: str, method: str) -> None:
-        admit(self.s.ctx, self.s.config, self.record, req.headers, kind=kind, host=req.target.host,
-              port=req.target.port, scheme=scheme, method=method)
+    def authorize(self, req, kind: str, method: str):
+        """Policy for this stream; on an intercepted connection the target is checked against
+        the route first. Returns the target to use and the decision."""
+        target = req.target
+        if self.s.route is not None and req.scheme != self.s.route.scheme:
+            raise RemoteProtocolError(f":scheme {req.scheme} on a {self.s.route.scheme} connection", 421)
+        target, decision = self.s.admit_request(self.record, req.headers, target, kind, method)
         if self.stream.gone:            # reset already (rapid reset): the origin never hears of it
             raise relay.StreamGone()
+        return target, decision
 
     # --- plain requests ---------------------------------------------------------------------
 
     def forward(self, req) -> None:
         record = self.record
-        target = req.target
-        if req.scheme != "http":
+        if req.scheme != "http" and self.s.route is None:
             raise RemoteProtocolError("https:// URLs go through CONNECT, not in a plain request", 501)
-        self.authorize(req, "request", "http", req.method)
+        target, _ = self.authorize(req, "request", req.method)
         method, path, headers = h2map.http1_request_head(req, self.s.pseudonym)
         if req.content_length is not None:
             framing = Framing("length", req.content_length) if req.content_length else NO_BODY
@@ -121,8 +125,8 @@ class H2Exchange:
             framing = CHUNKED
             headers += (("Transfer-Encoding", "chunked"),)
         check = h2map.DataLengthCheck(req.content_length)
-        origin = OriginRequest(self.s.ctx, target, serialize_head(request_line(method, path), headers),
-                               method, framing)
+        origin = OriginRequest.routed(self.s.ctx, self.s.route, target,
+                                      serialize_head(request_line(method, path), headers), method, framing)
 
         def upload(sock: socket.socket) -> None:
             self._upload(sock, framing, check)
@@ -195,8 +199,13 @@ class H2Exchange:
 
     def tunnel(self, req) -> None:
         self.record.kind = "tunnel"
+        if self.s.route is not None:
+            raise RemoteProtocolError("CONNECT is for proxies; this connection goes to an origin", 405)
         host, port = req.target.host, req.target.port
-        self.authorize(req, "tunnel", "tcp", "CONNECT")
+        _, decision = self.authorize(req, "tunnel", "CONNECT")
+        if decision.action == "intercept":
+            self._intercept(host, port)
+            return
         sock = connect(self.s.ctx.resolver, host, port, self.s.config.upstream.connect_timeout)
         self.record.upstream = sock.getpeername()[0]
         try:
@@ -205,6 +214,14 @@ class H2Exchange:
             self._relay(sock)
         finally:
             sock.close()
+
+    def _intercept(self, host: str, port: int) -> None:
+        """`intercept`: the stream opens (200), then its TLS is terminated by the appliance."""
+        from .intercept import TunnelInterception   # it serves the tunnel with our frontends
+        self.stream.send_headers([(":status", "200")])
+        self.record.status, self.record.kind = 200, "intercept"
+        TunnelInterception(self.s.ctx, (self.s.client_ip, 0), self.s.listener, host, port,
+                           Identity(self.record.user)).run_over_stream(self.stream)
 
     def _relay(self, sock: socket.socket, socket_first: bytes = b"") -> None:
         result = relay.stream_pipe(self.stream, sock, self.s.config.limits.tunnel_idle_timeout, socket_first)
@@ -216,12 +233,11 @@ class H2Exchange:
 
     def websocket(self, req) -> None:
         self.record.kind = "websocket"
-        target = req.target
-        self.authorize(req, "websocket", req.scheme, "CONNECT")
+        target, _ = self.authorize(req, "websocket", "CONNECT")
         key = base64.b64encode(os.urandom(16)).decode()
         start, headers = h2map.websocket_http1_request(req, key, self.s.pseudonym)
-        origin = OriginRequest(self.s.ctx, target, serialize_head(start, headers), "GET", NO_BODY,
-                               fresh=True, tls=req.scheme == "https")
+        origin = OriginRequest.routed(self.s.ctx, self.s.route, target, serialize_head(start, headers),
+                                      "GET", NO_BODY, fresh=True)
         try:
             response = origin.send()
         finally:

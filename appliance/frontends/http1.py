@@ -19,7 +19,7 @@ import logging
 from gevent import socket
 
 from .. import relay
-from ..admission import admit
+from ..admission import Identity, admit
 from ..context import ProxyContext
 from ..errors import AuthRequired, ClientError, PolicyDenied, UpstreamError, http_reply
 from ..observe import AccessRecord
@@ -29,11 +29,11 @@ from ..protocols import websocket_bridge
 from ..protocols.h2_mapping import h2_via
 from ..protocols.http1 import (
     ChunkedDecoder, CloseDecoder, Headers, LocalProtocolError, RemoteProtocolError, RequestHead,
-    ResponseHead, body_decoder, chunk_header, header_value, last_chunk, parse_request_head,
+    ResponseHead, body_decoder, chunk_header, header_value, header_values, last_chunk, parse_request_head,
     request_framing, request_line, serialize_head, status_line, wants_keep_alive,
 )
 from ..reader import SocketReader, send
-from ..upstream import connect
+from ..upstream import OriginRoute, connect
 from ..upstream_h2 import H2Tunnel
 from .client_session import ClientSession
 
@@ -89,8 +89,9 @@ class BodyPump:
 class Http1Session(ClientSession):
     """One client connection on an `http` listener (or `https` with ALPN http/1.1)."""
 
-    def __init__(self, ctx: ProxyContext, sock: socket.socket, address, listener: str) -> None:
-        super().__init__(ctx, sock, address, listener)
+    def __init__(self, ctx: ProxyContext, sock: socket.socket, address, listener: str,
+                 route: OriginRoute | None = None, identity: Identity | None = None) -> None:
+        super().__init__(ctx, sock, address, listener, route, identity)
         self.limits = self.config.limits
         self.client = SocketReader(sock, "client", self.limits.client_idle_timeout)
 
@@ -99,7 +100,8 @@ class Http1Session(ClientSession):
     def run(self) -> None:
         self.connection = self.ctx.observer.connection_opened(self.listener)
         try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.sock.family != socket.AF_UNIX:    # an intercepted tunnel's bridge is AF_UNIX
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while self.serve_one():
                 pass
         except ClientError as exc:
@@ -125,7 +127,12 @@ class Http1Session(ClientSession):
         try:
             head = parse_request_head(raw)
             record.method, record.target = head.method, head.target
-            keep = self.tunnel(head, record) if head.method == "CONNECT" else self.forward(head, record)
+            if head.method != "CONNECT":
+                keep = self.forward(head, record)
+            elif self.route is None:
+                keep = self.tunnel(head, record)
+            else:
+                raise RemoteProtocolError("CONNECT is for proxies; this connection goes to an origin", 405)
         except _EXPECTED as exc:
             self._finish_error(record, exc)
             return False
@@ -166,8 +173,10 @@ class Http1Session(ClientSession):
     def tunnel(self, head: RequestHead, record: AccessRecord) -> bool:
         record.kind = "tunnel"
         host, port = fwd.parse_authority(head.target)
-        admit(self.ctx, self.config, record, head.headers, kind="tunnel", host=host, port=port,
-              scheme="tcp", method="CONNECT")
+        decision = admit(self.ctx, self.config, record, head.headers, kind="tunnel", host=host,
+                         port=port, scheme="tcp", method="CONNECT")
+        if decision.action == "intercept":
+            return self._intercept(host, port, record)
         origin = self._connect(host, port)
         record.upstream = origin.getpeername()[0]
         reply = serialize_head(status_line(200, "Connection established"), ())
@@ -182,6 +191,19 @@ class Http1Session(ClientSession):
         record.error = result.error
         return False
 
+    def _intercept(self, host: str, port: int, record: AccessRecord) -> bool:
+        """`intercept`: answer 200, then terminate the client's TLS inside the tunnel ourselves.
+        The tunnel's own record ends here; each request inside gets its own."""
+        reply = serialize_head(status_line(200, "Connection established"), ())
+        record.bytes_up = self.client.received - len(self.client.buffered)
+        self.client.sendall(reply)
+        record.status, record.bytes_down, record.kind = 200, len(reply), "intercept"
+        from .intercept import TunnelInterception    # it serves the tunnel with this module
+        interception = TunnelInterception(self.ctx, (self.client_ip, 0), self.listener, host, port,
+                                          Identity(record.user))
+        interception.run_over_socket(self.sock, self._take_buffered())
+        return False
+
     def _connect(self, host: str, port: int) -> socket.socket:
         return connect(self.ctx.resolver, host, port, self.config.upstream.connect_timeout)
 
@@ -191,20 +213,35 @@ class Http1Session(ClientSession):
 
     # --- forwarding -------------------------------------------------------------------------
 
-    def forward(self, head: RequestHead, record: AccessRecord) -> bool:
+    def request_target(self, head: RequestHead) -> fwd.Target:
+        """Where the request says it goes: absolute-form on a proxy connection, origin-form
+        with Host on an intercepted one (in the route's scheme)."""
+        if self.route is not None:
+            hosts = header_values(head.headers, "host")
+            if len(hosts) != 1:
+                raise RemoteProtocolError("a request needs exactly one Host field")
+            target = fwd.parse_origin_form(head.target, hosts[0], self.route.scheme)
+            if target.scheme != self.route.scheme:
+                raise RemoteProtocolError(f"a {target.scheme}:// URL on a {self.route.scheme} connection", 421)
+            return target
         if head.target.startswith("/") or head.target == "*":
             raise RemoteProtocolError("this is a proxy: requests need an absolute http:// URL")
         target = fwd.parse_absolute_target(head.target)
         if target.scheme in ("https", "wss"):
             raise RemoteProtocolError("https:// URLs go through CONNECT, not in a plain request", 501)
+        return target
+
+    def forward(self, head: RequestHead, record: AccessRecord) -> bool:
+        target = self.request_target(head)
         framing = request_framing(head)
         if fwd.has_via_loop(head.headers, self.pseudonym):
             raise PolicyDenied("Via header names this appliance", "forwarding loop detected")
         websocket = fwd.is_websocket_upgrade(head.method, head.headers)
         record.kind = "websocket" if websocket else "request"
-        admit(self.ctx, self.config, record, head.headers, kind=record.kind, host=target.host,
-              port=target.port, scheme=target.scheme, method=head.method)
-        if websocket and target.hostport in self.config.upstream.h2_origins:
+        target, _ = self.admit_request(record, head.headers, target, record.kind, head.method)
+        if self.route is not None:
+            record.target = f"{target.scheme}://{target.authority}{target.path}"
+        if websocket and self.route is None and target.hostport in self.config.upstream.h2_origins:
             return self.websocket_over_h2(head, target, record)
         headers = fwd.origin_request_headers(head.headers, target, head.version, self.pseudonym,
                                              upgrade=websocket)
@@ -284,7 +321,8 @@ class OriginExchange:
         self.head = head
         self.record = record
         self.framing = framing
-        self.request = OriginRequest(session.ctx, target, upstream_head, head.method, framing)
+        self.request = OriginRequest.routed(session.ctx, session.route, target, upstream_head,
+                                            head.method, framing)
 
     def run(self, websocket: bool) -> bool:
         self.request.fresh = websocket

@@ -32,10 +32,10 @@ def listener_certificate(config: Config) -> tuple[Path, Path]:
     from certs.authority import CertificateAuthority
     from certs.leaf import issue_files
     now = datetime.now(timezone.utc)
-    ca = CertificateAuthority.load_or_create(config.appliance.state_dir, now)
+    ca = CertificateAuthority.load_or_create(config.appliance.state_dir, now, key_type=config.ca.key_type)
     names = list(dict.fromkeys([config.appliance.name, "localhost", "127.0.0.1", "::1"]))
     return issue_files(ca, names, config.appliance.state_dir / "tls", "https-listener", now,
-                       config.ca.leaf_days)
+                       config.ca.leaf_days, key_type=config.ca.key_type)
 
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -70,19 +70,23 @@ class TlsSession:
             self.sock.close()
             return
         except (OSError, ValueError) as exc:
-            self._handshake_failed(exc)
+            handshake_failed(self.ctx, self.listener, self.address[0], exc, self.sock)
             return
         if tls.selected_alpn_protocol() == "h2":
             H2Session(self.ctx, tls, self.address, self.listener).run()
         else:
             Http1Session(self.ctx, tls, self.address, self.listener).run()
 
-    def _handshake_failed(self, exc: BaseException) -> None:
-        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-        log.info("TLS handshake with %s failed: %s", self.address[0], reason)
-        connection = self.ctx.observer.connection_opened(self.listener)
-        record = AccessRecord(self.listener, self.address[0], kind="tls", error=f"tls handshake: {reason}",
-                              protocol="TLS", connection=connection)
-        self.ctx.observer.finish(record)
-        self.ctx.observer.connection_closed(self.listener)
-        self.sock.close()
+
+def handshake_failed(ctx: ProxyContext, listener: str, client_ip: str, exc: BaseException,
+                     sock: socket.socket, what: str = "") -> None:
+    """A client's TLS handshake with us failed: one log line, one access-log record, closed."""
+    reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    where = f" ({what})" if what else ""
+    log.info("TLS handshake with %s failed%s: %s", client_ip, where, reason)
+    connection = ctx.observer.connection_opened(listener)
+    record = AccessRecord(listener, client_ip, kind="tls", error=f"tls handshake: {reason}",
+                          protocol="TLS", connection=connection, target=what or "-")
+    ctx.observer.finish(record)
+    ctx.observer.connection_closed(listener)
+    sock.close()

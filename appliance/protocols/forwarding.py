@@ -97,6 +97,20 @@ def parse_absolute_target(target: str) -> Target:
     return Target(scheme, host, port, path)
 
 
+def parse_origin_form(target: str, host_field: str | None, scheme: str) -> Target:
+    """An origin server's view of a request (RFC 9112 §3.2.1): `/path?query` with the host from
+    the Host field, as an intercepted client sends it. Absolute-form is accepted too (§3.2.2:
+    servers must), `*` only as the OPTIONS target (checked by the caller)."""
+    if "://" in target:
+        return parse_absolute_target(target)
+    if not (target.startswith("/") or target == "*"):
+        raise RemoteProtocolError(f"invalid request target {target[:80]!r}")
+    if not host_field:
+        raise RemoteProtocolError("request without a Host field")
+    host, port = parse_authority(host_field, DEFAULT_PORTS[scheme])
+    return Target(scheme, host, port, target)
+
+
 def strip_hop_by_hop(headers: Headers, keep: frozenset[str] = frozenset()) -> Headers:
     """Drop hop-by-hop fields and every field the Connection header names (RFC 9110 §7.6.1)."""
     drop = (HOP_BY_HOP | (connection_tokens(headers) - FRAMING_FIELDS)) - keep

@@ -29,6 +29,8 @@ EXT_SERVER_NAME, EXT_ALPN, EXT_SUPPORTED_VERSIONS = 0, 16, 43
 # TLS alert descriptions (RFC 8446 §6) a caller may send when it refuses a hello.
 ALERT_UNEXPECTED_MESSAGE, ALERT_RECORD_OVERFLOW = 10, 22
 ALERT_ILLEGAL_PARAMETER, ALERT_DECODE_ERROR = 47, 50
+ALERT_HANDSHAKE_FAILURE, ALERT_ACCESS_DENIED, ALERT_INTERNAL_ERROR = 40, 49, 80
+CONTENT_ALERT, ALERT_LEVEL_FATAL = 21, 2
 
 # A DNS host name label as SNI carries it (RFC 6066 §3: ASCII, no trailing dot; IDNA A-labels are
 # plain LDH). Underscores are let through: real clients send them for internal names.
@@ -53,6 +55,12 @@ class MalformedHello(Exception):
     def __init__(self, message: str, alert: int = ALERT_DECODE_ERROR) -> None:
         super().__init__(message)
         self.alert = alert
+
+
+def alert_record(description: int) -> bytes:
+    """A fatal TLS alert in plaintext, as a server sends it before any handshake message
+    (RFC 8446 §6, §5.1: legacy record version 0x0303)."""
+    return bytes([CONTENT_ALERT, 3, 3, 0, 2, ALERT_LEVEL_FATAL, description])
 
 
 def read_client_hello(data: bytes, max_bytes: int = 16384 * 4) -> ClientHello | None:

@@ -111,7 +111,7 @@ class Appliance:
     """The real appliance (`python -m appliance run`) on free loopback ports, with a generated config."""
 
     def __init__(self, workdir: Path, extra: str = "", rules: str = DEFAULT_RULES,
-                 http: list[str] | None = None, log: str = "") -> None:
+                 http: list[str] | None = None, log: str = "", more_listeners: str = "") -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.http_port, self.https_port, self.admin_port = free_ports(3)
@@ -122,7 +122,7 @@ class Appliance:
         self.config_path.write_text(
             f'[appliance]\nname = "proxy.test"\nstate_dir = "var"\n\n'
             f"[listen]\nhttp = {json.dumps(listen)}\nhttps = \"127.0.0.1:{self.https_port}\"\n"
-            f"admin = \"127.0.0.1:{self.admin_port}\"\n\n"
+            f"admin = \"127.0.0.1:{self.admin_port}\"\n{more_listeners}\n\n"
             f'[log]\naccess_log = "access.log"\nlevel = "debug"\n{log}\n\n{extra}\n{rules}\n')
         self.proc: Process | None = None
 

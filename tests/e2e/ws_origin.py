@@ -1,9 +1,11 @@
 """Test WebSocket origin: the `websockets` library's server, echoing every message back.
 
-Run as `python ws_origin.py PORT [CERT KEY]` (with CERT and KEY: wss://). Works with websockets 10.4 (bookworm) and the newest release.
+Run as `python ws_origin.py PORT [CERT KEY]` (with CERT and KEY: wss://); it listens on
+127.0.0.1, or on the address in the environment variable WS_ORIGIN_HOST. Works with websockets 10.4 (bookworm) and the newest release.
 """
 
 import asyncio
+import os
 import ssl
 import sys
 
@@ -16,7 +18,8 @@ async def echo(websocket, *_path):
 
 
 async def main(port, tls):
-    async with websockets.serve(echo, "127.0.0.1", port, max_size=None, ssl=tls):
+    host = os.environ.get("WS_ORIGIN_HOST", "127.0.0.1")
+    async with websockets.serve(echo, host, port, max_size=None, ssl=tls):
         await asyncio.Future()
 
 
