@@ -87,6 +87,7 @@ def net(tmp_path_factory):
         py = sys.executable
         network.spawn(network.origin, [py, str(HERE / "origin.py"), "80", network.origin_ip4], env=env)
         network.spawn(network.origin, [py, str(HERE / "origin.py"), "80", network.origin_ip6], env=env)
+        network.spawn(network.origin, [py, str(HERE / "origin.py"), "8080", network.origin_ip4], env=env)
         for address in (network.origin_ip4, network.origin_ip6):
             network.spawn(network.origin, [py, str(HERE / "origin.py"), "443", address,
                                            str(site_cert), str(site_key)], env=env)
@@ -124,7 +125,7 @@ def net(tmp_path_factory):
                                                         str(network.app_dir / "appliance.toml")],
                                     env=env, cwd=str(REPO))
         for host, port in ((network.origin_ip4, 80), (network.origin_ip4, 443), (ORIGIN3_IP4, 443),
-                           (network.origin_ip6, 80), (network.origin_ip6, 443),
+                           (network.origin_ip6, 80), (network.origin_ip6, 443), (network.origin_ip4, 8080),
                            (network.origin2_ip4, 80), (network.origin2_ip4, 443)):
             network.wait_port(network.appliance, host, port)
         network.wait_port(network.appliance, "127.0.0.1", 9090)
@@ -201,6 +202,23 @@ def test_port_443_intercepted_over_ipv6(net):
     assert r.returncode == 0, r.stderr
     record = wait_record(net, lambda r: r["target"] == "https://site.test/echo?t=v6tls")
     assert record["listener"] == "transparent_tls" and record["upstream"] == net.origin_ip6
+
+
+def test_tproxy_instead_of_redirect(net):
+    """TPROXY (mangle table): nothing is rewritten; the listener, which has IP_TRANSPARENT,
+    accepts a connection addressed to the origin, and its own address is the destination."""
+    a = net.appliance
+    for argv in (["iptables", "-t", "mangle", "-A", "PREROUTING", "-i", net.appliance_client_if, "-p", "tcp",
+                  "--dport", "8080", "-j", "TPROXY", "--on-port", "3129", "--tproxy-mark", "0x1/0x1"],
+                 ["ip", "rule", "add", "fwmark", "0x1/0x1", "lookup", "100"],
+                 ["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"]):
+        r = net.run(a, argv)
+        assert r.returncode == 0, r.stderr
+    r = client_curl(net, "-4", "http://site.test:8080/echo?t=tproxy")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["query"] == {"t": "tproxy"}
+    record = wait_record(net, lambda r: r["target"] == "http://site.test:8080/echo?t=tproxy")
+    assert record["listener"] == "transparent_http" and record["upstream"] == net.origin_ip4
 
 
 def test_a_host_that_does_not_match_the_address_is_not_believed(net):
