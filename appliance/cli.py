@@ -1,4 +1,4 @@
-"""`appliance run | check-config | ca init|show|export | users ... | version`: the command line.
+"""`appliance run | check-config | ca init|show|export | pac | users ... | version`: the command line.
 
 `users add | remove | list` (the proxy-auth users file) live in `users_cli.py`.
 
@@ -141,6 +141,14 @@ def cmd_ca_export(args, config) -> int:
     return 0
 
 
+@_with_config
+def cmd_pac(args, config) -> int:
+    """Print the PAC file the pac listener serves for this config."""
+    from pac.render import render_pac
+    sys.stdout.write(render_pac(config, __version__))
+    return 0
+
+
 def cmd_version(args) -> int:
     print(f"appliance {__version__}")
     return 0
@@ -151,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (("run", cmd_run, "serve until SIGTERM"),
                              ("check-config", cmd_check_config, "validate the config and exit"),
+                             ("pac", cmd_pac, "print the PAC file served at /proxy.pac and /wpad.dat"),
                              ("version", cmd_version, "print the version")):
         p = sub.add_parser(name, help=text)
         p.set_defaults(func=func)

@@ -42,6 +42,7 @@ from appliance.config_values import (
     kind,
     network,
     optional_path,
+    pac_bypass,
     pac_proxy,
     port_range,
     rule_name,
@@ -301,7 +302,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Convert]]] = {
     }),
     "pac": (PacSection, {
         "proxies": each(pac_proxy), "direct_fallback": boolean,
-        "bypass": each(lambda value: str(destination(value))),
+        "bypass": each(pac_bypass),
     }),
     "dns": (DnsSection, {
         "domain": lambda context, path, value: domain(string(value), value),

@@ -312,6 +312,13 @@ def user(value: Any) -> str:
 _PAC_PROXY = re.compile(r"DIRECT|(PROXY|HTTPS|HTTP|SOCKS|SOCKS4|SOCKS5) [^\s;:]+:[0-9]{1,5}")
 
 
+def pac_bypass(value: Any) -> str:
+    """A `[pac] bypass` entry: a destination as in rules, or "<local>" for dotless host names."""
+    if value == "<local>":
+        return value
+    return str(destination(value))
+
+
 def pac_proxy(value: Any) -> str:
     if not _PAC_PROXY.fullmatch(string(value)):
         raise Invalid(f'{value!r} is not a PAC proxy, as "PROXY host:port" or "HTTPS host:port"')

@@ -18,6 +18,9 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from pac.document import PacDocument
+from pac.render import render_pac
+
 from . import __version__
 from .config import Address, Config, ConfigErrors, load
 from .context import ProxyContext
@@ -31,7 +34,7 @@ from .observe import AccessLog, Observer
 log = logging.getLogger("appliance.server")
 
 IMPLEMENTED = ("http", "https", "admin", "pac", "transparent_http", "transparent_tls")
-PLANNED = ("socks5", "dns")
+PLANNED = ("socks5",)
 TRANSPARENT = ("transparent_http", "transparent_tls")
 DRAIN_SECONDS = 10.0
 
@@ -59,6 +62,9 @@ class ApplianceServer:
         self.started_at = time.time()
         self._stop = Event()
         self._pool = Pool(config.limits.max_connections)
+        self.dns = None                       # the WPAD DNS responder (UDP and TCP), if listening
+        self.pac_document: PacDocument | None = None
+        self._render_pac()
 
     # --- listeners --------------------------------------------------------------------------
 
@@ -83,13 +89,22 @@ class ApplianceServer:
                                                limits.max_header_bytes).run()
 
     def _pac_routes(self):
-        """The pac listener: the CA for clients to install (the PAC file itself comes later)."""
+        """The pac listener: the PAC file (as WPAD expects it, too) and the CA to install."""
         from certs import CertificateAuthority
         ca = CertificateAuthority.load_or_create(self.config.appliance.state_dir, datetime.now(timezone.utc),
                                                  key_type=self.config.ca.key_type)
         pem, der = ca.cert_pem(), ca.cert_der()
-        return {"/ca.pem": lambda: (200, "application/x-pem-file", pem),
-                "/ca.der": lambda: (200, "application/x-x509-ca-cert", der)}
+
+        def pac_file(headers):
+            return self.pac_document.respond(headers)
+        return {"/proxy.pac": pac_file, "/wpad.dat": pac_file,
+                "/ca.pem": lambda _: (200, "application/x-pem-file", pem),
+                "/ca.der": lambda _: (200, "application/x-x509-ca-cert", der)}
+
+    def _render_pac(self) -> None:
+        """(Re)build the PAC file from the config in force; unchanged content keeps its ETag."""
+        self.pac_document = PacDocument.build(render_pac(self.config, __version__),
+                                              datetime.now(timezone.utc), self.pac_document)
 
     def start(self) -> None:
         listen = self.config.listen
@@ -109,6 +124,12 @@ class ApplianceServer:
                 server.start()
                 self.servers.append((kind, server))
                 log.info("%s listener on %s", kind, address)
+        if listen.dns:
+            from pac.dns_server import DnsService
+            self.dns = DnsService(listen.dns, lambda: self.config, self.observer)
+            self.dns.start()
+            for address in listen.dns:
+                log.info("dns listener on %s (UDP and TCP)", address)
         log.info("appliance %s ready", __version__)
 
     def _intercepts(self) -> bool:
@@ -117,9 +138,12 @@ class ApplianceServer:
 
     @property
     def ready(self) -> bool:
-        return bool(self.servers) and all(s.started for _, s in self.servers)
+        return (bool(self.servers) and all(s.started for _, s in self.servers)
+                and (self.dns is None or self.dns.ready))
 
     def stop(self, timeout: float = DRAIN_SECONDS) -> None:
+        if self.dns is not None:
+            self.dns.stop()
         for _, server in self.servers:
             server.close()                   # stop accepting at once
         for session in list(self.ctx.h2_sessions):
@@ -131,15 +155,15 @@ class ApplianceServer:
 
     # --- admin routes -----------------------------------------------------------------------
 
-    def _healthz(self) -> tuple[int, str, bytes]:
+    def _healthz(self, _headers=()) -> tuple[int, str, bytes]:
         if self.ready:
             return 200, "text/plain", b"ok\n"
         return 503, "text/plain", b"starting\n"
 
-    def _metrics(self) -> tuple[int, str, bytes]:
+    def _metrics(self, _headers=()) -> tuple[int, str, bytes]:
         return 200, PROMETHEUS_TEXT, self.observer.metrics.render()
 
-    def _status(self) -> tuple[int, str, bytes]:
+    def _status(self, _headers=()) -> tuple[int, str, bytes]:
         return 200, "application/json", json_body({
             "version": __version__, "config": str(self.config.path),
             "uptime_seconds": round(time.time() - self.started_at, 1),
@@ -157,6 +181,7 @@ class ApplianceServer:
             return
         self.config = config
         self.ctx.use(config)
+        self._render_pac()
         log.info("config reloaded from %s (listener changes need a restart)", config.path)
 
     def serve_forever(self) -> None:

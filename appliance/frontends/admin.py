@@ -1,7 +1,10 @@
-"""The admin listener: `/healthz`, `/metrics` (Prometheus text) and `/status` (JSON).
+"""A small HTTP/1.1 server for fixed routes, on the same codec as the proxy.
 
-A small HTTP/1.1 server on the same codec as the proxy. Serve it on loopback or a management
-network only: it needs no credentials.
+The admin listener serves `/healthz`, `/metrics` (Prometheus text) and `/status` (JSON): serve
+it on loopback or a management network only, it needs no credentials. The pac listener serves
+the PAC file (`/proxy.pac`, `/wpad.dat`, with conditional GET) and the CA (`/ca.pem`, `/ca.der`).
+A route gets the request's header fields and returns (status, content type, body) and,
+optionally, extra response fields.
 """
 
 from __future__ import annotations
@@ -13,18 +16,22 @@ from typing import Callable
 from gevent import socket
 
 from ..errors import ClientError
-from ..protocols.http1 import RemoteProtocolError, parse_request_head, serialize_head, status_line, wants_keep_alive
+from ..protocols.http1 import (
+    Headers, RemoteProtocolError, parse_request_head, serialize_head, status_line, wants_keep_alive,
+)
 from ..reader import SocketReader
 
 log = logging.getLogger("appliance.admin")
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
+Route = Callable[[Headers], tuple]      # (status, content type, body[, extra header fields])
+
 
 class AdminSession:
     """One connection to the admin listener."""
 
-    def __init__(self, sock: socket.socket, address, routes: dict[str, Callable[[], tuple[int, str, bytes]]],
+    def __init__(self, sock: socket.socket, address, routes: dict[str, Route],
                  idle_timeout: float, max_header_bytes: int) -> None:
         self.reader = SocketReader(sock, "client", idle_timeout)
         self.routes = routes
@@ -48,23 +55,30 @@ class AdminSession:
             return False
         path = head.target.split("?", 1)[0]
         route = self.routes.get(path)
+        extra: Headers = ()
         if head.method not in ("GET", "HEAD"):
             status, ctype, body = 405, "text/plain", b"only GET and HEAD\n"
         elif route is None:
-            status, ctype, body = 404, "text/plain", b"not found; try /healthz, /metrics, /status\n"
+            status, ctype, body = 404, "text/plain", f"not found; try {', '.join(self.routes)}\n".encode()
         else:
-            status, ctype, body = route()
+            status, ctype, body, *more = route(head.headers)
+            extra = more[0] if more else ()
         keep = wants_keep_alive(head.version, head.headers)
-        self._send(status, ctype, b"" if head.method == "HEAD" else body, keep, len(body))
+        self._send(status, ctype, b"" if head.method == "HEAD" else body, keep, len(body), extra)
         return keep
 
-    def _send(self, status: int, ctype: str, body: bytes, keep: bool, length: int | None = None) -> None:
-        headers = (("Content-Type", ctype), ("Content-Length", str(len(body) if length is None else length)),
-                   ("Cache-Control", "no-store"))
+    def _send(self, status: int, ctype: str, body: bytes, keep: bool, length: int | None = None,
+              extra: Headers = ()) -> None:
+        if status == 304:               # RFC 9110 §15.4.5: no body, no Content-Length needed
+            headers = extra
+        else:
+            headers = (("Content-Type", ctype), ("Content-Length", str(len(body) if length is None else length)))
+            headers += extra if any(k == "Cache-Control" for k, _ in extra) else \
+                extra + (("Cache-Control", "no-store"),)
         if not keep:
             headers += (("Connection", "close"),)
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                  503: "Service Unavailable"}.get(status, "")
+        reason = {200: "OK", 304: "Not Modified", 400: "Bad Request", 404: "Not Found",
+                  405: "Method Not Allowed", 503: "Service Unavailable"}.get(status, "")
         self.reader.sendall(serialize_head(status_line(status, reason), headers) + body)
 
 
