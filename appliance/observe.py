@@ -115,6 +115,9 @@ class Metrics:
                              ["listener", "direction"], registry=r)
         self.duration = Histogram("appliance_request_duration_seconds", "Request or tunnel duration",
                                   ["listener"], registry=r)
+        self.dns_queries = Counter("appliance_dns_queries", "DNS queries on the dns listener by result "
+                                   "(answered, forwarded, refused, truncated, servfail, malformed)",
+                                   ["result"], registry=r)
         Info("appliance_build", "Build information", registry=r).info({"version": __version__})
 
         self._children: dict[tuple, object] = {}

@@ -11,9 +11,7 @@ proxy too); the test waits for that, bounded, and stops Chromium by its PID.
 from __future__ import annotations
 
 import json
-import os
 import queue
-import signal
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import HERE, Appliance, child_env, require_tool
+from .chromium_browser import FLAGS, browser_env, chromium_executable, nss_home, stop_chromium
+from .conftest import HERE, Appliance, require_tool
 
 PAGES = HERE / "chromium"
-FLAGS = [line.strip() for line in (PAGES / "flags.txt").read_text().splitlines()
-         if line.strip() and not line.startswith("#")]
 RESULT_TIMEOUT = 20.0
 
 
@@ -97,34 +94,8 @@ def app(tmp_path_factory):
         appliance.stop()
 
 
-def nss_home(home: Path, cas: dict[str, Path]) -> Path:
-    """A $HOME whose NSS db ($HOME/.pki/nssdb) trusts `cas` (nickname → PEM) to issue server certs."""
-    certutil = require_tool("certutil")
-    db = home / ".pki" / "nssdb"
-    db.mkdir(parents=True)
-    env = {**child_env(), "HOME": str(home)}
-    commands = [[certutil, "-N", "--empty-password", "-d", f"sql:{db}"]]
-    commands += [[certutil, "-A", "-n", name, "-t", "C,,", "-i", str(pem), "-d", f"sql:{db}"]
-                 for name, pem in cas.items()]
-    for command in commands:
-        r = subprocess.run(command, capture_output=True, text=True, timeout=30, env=env,
-                           stdin=subprocess.DEVNULL)
-        assert r.returncode == 0, f"{command}: {r.stdout}{r.stderr}"
-    return home
-
-
-def chromium_executable() -> str:
-    """Debian's /usr/bin/chromium is a shell launcher adding flags of its own (extensions among
-    them); chromium-flags.txt is written for the binary it execs, so run that when it is there."""
-    launcher = require_tool("chromium")
-    binary = Path("/usr/lib/chromium/chromium")
-    return str(binary) if binary.is_file() and os.access(binary, os.X_OK) else launcher
-
-
 def start_chromium(home: Path, proxy: str, url: str, log: Path) -> subprocess.Popen:
-    env = {**child_env(), "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
-           "XDG_CACHE_HOME": str(home / ".cache")}
-    env.pop("DISPLAY", None)
+    env = browser_env(home)
     args = [chromium_executable(), *FLAGS, "--disable-dev-shm-usage",
             f"--user-data-dir={home / 'profile'}", f"--proxy-server={proxy}",
             "--proxy-bypass-list=<-loopback>", url]
@@ -133,20 +104,6 @@ def start_chromium(home: Path, proxy: str, url: str, log: Path) -> subprocess.Po
         # with it through its process group, whose id is this PID.
         return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=home)
-
-
-def stop_chromium(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)      # helpers left behind in its process group
-    except ProcessLookupError:
-        pass
 
 
 def test_chromium_page_and_both_websockets_share_one_h2_connection(

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
+from tests.e2e.chromium_browser import stop_chromium  # noqa: E402
 from appliance.protocols.tls_clienthello import (  # noqa: E402
     ClientHello,
     MalformedHello,
@@ -166,20 +166,6 @@ def start(argv: list[str], tmp: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)     # helpers left in the group this child leads
-    except ProcessLookupError:
-        pass
-
-
 def read_hello(conn: socket.socket) -> tuple[bytes, str | None]:
     """The bytes read until a whole ClientHello is in; and the parser's complaint, if any."""
     data = b""
@@ -218,7 +204,7 @@ def capture(name: str) -> bytes:
             log = (tmp / "client.log").read_text(errors="replace")[-2000:]
             raise SystemExit(f"{name}: no connection in {ACCEPT_TIMEOUT} s; client said:\n{log}")
         finally:
-            stop(proc)
+            stop_chromium(proc)   # by PID, then its process group
     if problem:
         print(f"{name}: {problem} (after {len(data)} bytes)", file=sys.stderr)
     shown = ["<script in capture.py>" if "\n" in a else a if " " not in a else repr(a)
