@@ -67,20 +67,25 @@ class Authenticator:
         credentials = basic_credentials(headers)
         if credentials is None:
             raise AuthRequired(self.realm, "proxy credentials required")
-        stored = self.users().get(credentials.user)
-        key = hashlib.sha256(f"{credentials.user}\0{credentials.password}\0{stored}".encode()).digest()
+        return self.verify(client, credentials.user, credentials.password)
+
+    def verify(self, client: str, user: str, password: str) -> str:
+        """`user` if the password is right, else `AuthRequired` after any throttling delay.
+        HTTP Basic (`check`) and SOCKS5 username/password (RFC 1929) both come here."""
+        stored = self.users().get(user)
+        key = hashlib.sha256(f"{user}\0{password}\0{stored}".encode()).digest()
         if stored is not None and key in self._verified:
             self._verified.move_to_end(key)
-            return credentials.user
-        ok = get_hub().threadpool.apply(verify_password, (credentials.password, stored or _dummy_hash()))
+            return user
+        ok = get_hub().threadpool.apply(verify_password, (password, stored or _dummy_hash()))
         if not (ok and stored is not None):
-            self._failed(client, credentials.user)
-            raise AuthRequired(self.realm, f"invalid credentials for user {credentials.user!r}")
-        self._verified[key] = credentials.user
+            self._failed(client, user)
+            raise AuthRequired(self.realm, f"invalid credentials for user {user!r}")
+        self._verified[key] = user
         while len(self._verified) > REMEMBERED:
             self._verified.popitem(last=False)
         self._failures.pop(client, None)
-        return credentials.user
+        return user
 
     def _failed(self, client: str, user: str) -> None:
         now = time.monotonic()

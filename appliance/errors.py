@@ -7,6 +7,7 @@ the protocol, Local = we did); the others are ours.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 from .protocols.http1 import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -16,11 +17,12 @@ from .protocols.proxy_auth import challenge
 class UpstreamError(Exception):
     """The origin could not be used. `kind`: dns | connect | tls | timeout | protocol | closed."""
 
-    def __init__(self, kind: str, target: str, detail: str) -> None:
+    def __init__(self, kind: str, target: str, detail: str, errno: int | None = None) -> None:
         super().__init__(f"{kind} error for {target}: {detail}")
         self.kind = kind
         self.target = target
         self.detail = detail
+        self.errno = errno          # the OS error of a failed connect, if that is what it was
 
 
 class ClientError(Exception):
@@ -74,6 +76,24 @@ def http_reply(exc: BaseException) -> Reply:
     if isinstance(exc, (LocalProtocolError, ProtocolError)):
         return Reply(502, "Bad Gateway", f"cannot forward this message: {exc}\n", f"local protocol: {exc}")
     return Reply(500, "Internal Server Error", "internal error\n", f"internal: {type(exc).__name__}: {exc}")
+
+
+def socks5_reply(exc: BaseException) -> tuple[int, str]:
+    """Map an error on the SOCKS5 path to (REP code, access-log error) (RFC 1928 §6)."""
+    from .protocols import socks5
+    if isinstance(exc, PolicyDenied):
+        return socks5.REP_NOT_ALLOWED, f"denied: {exc.rule}"
+    if isinstance(exc, UpstreamError):
+        code = {"dns": socks5.REP_HOST_UNREACHABLE, "timeout": socks5.REP_TTL_EXPIRED}.get(exc.kind)
+        if code is None:
+            code = {errno.ECONNREFUSED: socks5.REP_CONNECTION_REFUSED,
+                    errno.ENETUNREACH: socks5.REP_NETWORK_UNREACHABLE,
+                    errno.EHOSTUNREACH: socks5.REP_HOST_UNREACHABLE,
+                    errno.ETIMEDOUT: socks5.REP_TTL_EXPIRED}.get(exc.errno, socks5.REP_GENERAL_FAILURE)
+        return code, f"upstream {exc.kind}: {exc.detail}"
+    if isinstance(exc, socks5.Socks5Error):
+        return exc.reply if exc.reply is not None else socks5.REP_GENERAL_FAILURE, f"protocol: {exc}"
+    return socks5.REP_GENERAL_FAILURE, f"internal: {type(exc).__name__}: {exc}"
 
 
 _REASONS = {

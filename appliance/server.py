@@ -26,6 +26,7 @@ from .config import Address, Config, ConfigErrors, load
 from .context import ProxyContext
 from .frontends.admin import PROMETHEUS_TEXT, AdminSession, json_body
 from .frontends.http1 import Http1Session
+from .frontends.socks5 import Socks5Session
 from .frontends.tls import TlsSession, listener_certificate, server_context
 from .frontends.transparent import TransparentHttpSession, TransparentTlsSession
 from .netfilter import allow_tproxy
@@ -33,8 +34,7 @@ from .observe import AccessLog, Observer
 
 log = logging.getLogger("appliance.server")
 
-IMPLEMENTED = ("http", "https", "admin", "pac", "transparent_http", "transparent_tls")
-PLANNED = ("socks5",)
+STREAM_LISTENERS = ("http", "https", "admin", "pac", "socks5", "transparent_http", "transparent_tls")
 TRANSPARENT = ("transparent_http", "transparent_tls")
 DRAIN_SECONDS = 10.0
 
@@ -74,6 +74,8 @@ class ApplianceServer:
             return lambda sock, addr: TransparentHttpSession(self.ctx, sock, addr, listening).run()
         if kind == "transparent_tls":
             return lambda sock, addr: TransparentTlsSession(self.ctx, sock, addr, listening).run()
+        if kind == "socks5":
+            return lambda sock, addr: Socks5Session(self.ctx, sock, addr, "socks5").run()
         if kind == "pac":
             return self._session(self._pac_routes())
         if kind == "http":
@@ -113,10 +115,7 @@ class ApplianceServer:
                         self.config.appliance.workers)
         if self._intercepts():
             self.ctx.leaf_contexts          # the CA now, not at the first intercepted client
-        for kind in PLANNED:
-            if getattr(listen, kind):
-                log.warning("listen.%s is configured but not available in this version; not started", kind)
-        for kind in IMPLEMENTED:
+        for kind in STREAM_LISTENERS:
             for address in getattr(listen, kind):
                 handler = self._handler(kind, address)
                 server = StreamServer(listening_socket(address, transparent=kind in TRANSPARENT),

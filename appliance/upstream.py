@@ -178,7 +178,7 @@ def connect(resolver: Resolver, host: str, port: int, timeout: float,
             continue
         except OSError as exc:
             sock.close()
-            last = UpstreamError("connect", target, f"{address}: {exc.strerror or exc}")
+            last = UpstreamError("connect", target, f"{address}: {exc.strerror or exc}", exc.errno)
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock

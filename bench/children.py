@@ -7,6 +7,7 @@ name. CPU is read from /proc/PID/stat for the whole process tree.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -179,3 +180,23 @@ def wait_until(check, deadline: float, child: Child | None, what: str) -> None:
     tail = child.output_tail() if child else ""
     raise StartFailed(f"{what} not ready after {deadline:.0f}s {last_error}\n{tail}".rstrip())
 
+
+def cpu_model() -> str:
+    """The CPU's model name, for the machine line of a report."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def first_line(argv: list[str]) -> str:
+    """The first line a tool prints (its version, usually), or "unavailable"."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unavailable"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else ""

@@ -55,6 +55,7 @@ if str(REPO) not in sys.path:
 
 import certs  # noqa: E402
 from certs.leaf import issue_files  # noqa: E402
+from children import cpu_model, first_line  # noqa: E402  (bench/ is this script's folder)
 
 MiB = 1024 * 1024
 APP_PORT = 3130
@@ -81,24 +82,6 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def tool_version(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unavailable"
-    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
-
-
 def machine() -> dict:
     import cryptography
     return {
@@ -108,8 +91,8 @@ def machine() -> dict:
         "python": platform.python_version(),
         "openssl_python": ssl.OPENSSL_VERSION,
         "cryptography": cryptography.__version__,
-        "openssl_cli": tool_version(["openssl", "version"]),
-        "curl": tool_version(["curl", "--version"]),
+        "openssl_cli": first_line(["openssl", "version"]),
+        "curl": first_line(["curl", "--version"]),
         "loadavg_1m_before": round(os.getloadavg()[0], 2),
     }
 

@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import report
-from children import MiB, Child, StartFailed, pick_port, tool
+from children import MiB, Child, StartFailed, first_line, pick_port, tool
 from load import Params, measure
 from origins import start_bulk, start_origin
 from peers import TLS_CAPABLE, start_proxy
@@ -61,13 +60,6 @@ def make_params(args: argparse.Namespace) -> Params:
 
 
 def tool_versions(python: str) -> dict:
-    def first_line(argv: list[str]) -> str:
-        try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return "missing"
-        return ((p.stdout or "") + (p.stderr or "")).strip().splitlines()[0:1][0] if (
-            p.stdout or p.stderr) else "?"
     return {
         "squid": first_line([tool("squid") or "squid", "-v"]),
         "tinyproxy": first_line([tool("tinyproxy") or "tinyproxy", "-v"]),

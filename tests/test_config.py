@@ -56,10 +56,10 @@ def test_shipped_config_loads_with_loopback_listeners():
     assert config.listen.admin == (Address("127.0.0.1", 9090),)
     assert config.listen.https == (Address("127.0.0.1", 8443),)
     assert config.listen.pac == (Address("127.0.0.1", 8080),)
-    # Present in the file but commented out: not in this version yet, or (transparent) useful
-    # only with the gateway's iptables rules.
+    assert config.listen.socks5 == (Address("127.0.0.1", 1080),)
+    assert config.listen.dns == (Address("127.0.0.1", 5353),)
+    # Present in the file but commented out: useful only with the gateway's iptables rules.
     listen = config.listen
-    assert listen.socks5 == listen.dns == ()
     assert listen.transparent_http == listen.transparent_tls == ()
     for field in dataclasses.fields(listen):
         assert all(ipaddress.ip_address(a.host).is_loopback for a in getattr(listen, field.name))

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -160,10 +161,7 @@ class Appliance:
             return e.code, e.read().decode()
 
     def records(self) -> list[dict]:
-        """Access-log records written so far (waits briefly for the last line to land)."""
-        if not self.access_log.exists():
-            return []
-        return [json.loads(line) for line in self.access_log.read_text().splitlines() if line.strip()]
+        return read_access_log(self.access_log)
 
     def wait_records(self, count: int, timeout: float = 10.0) -> list[dict]:
         deadline = time.monotonic() + timeout
@@ -176,15 +174,7 @@ class Appliance:
 
     def wait_record(self, predicate, timeout: float = 10.0) -> dict:
         """The newest access-log record for which `predicate` holds, waiting for it to be written."""
-        deadline = time.monotonic() + timeout
-        for _ in range(int(timeout / 0.05) + 1):
-            found = [r for r in self.records() if predicate(r)]
-            if found:
-                return found[-1]
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"no matching access-log record in {self.records()[-5:]}")
+        return wait_for_record(self.access_log, predicate, timeout)
 
     def peak_rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -196,14 +186,37 @@ class Appliance:
         return self.proc.stop() if self.proc else 0
 
 
+def read_access_log(path: Path) -> list[dict]:
+    """The JSON access-log records written so far; a line still being written is left out."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
+def wait_for_record(path: Path, predicate, timeout: float = 10.0, context=lambda: "") -> dict:
+    """The newest record for which `predicate` holds, waiting (bounded) for it to be written;
+    `context()` adds to the failure message (an appliance's own output, say)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.05) + 1):
+        found = [r for r in read_access_log(path) if predicate(r)]
+        if found:
+            return found[-1]
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"no matching access-log record in {read_access_log(path)[-5:]}\n{context()}")
+
+
 @contextlib.contextmanager
-def serving(tmp_path_factory, script: str, *args: str):
-    """Run a test server script from this folder on a free loopback port; yields the port."""
-    port = free_port()
+def serving(tmp_path_factory, script: str, *args: str, host: str = "127.0.0.1"):
+    """Run a test server script from this folder on a free port of `host` (its second argument
+    when it listens elsewhere than 127.0.0.1); yields the port."""
+    port = free_port(host)
     proc = Process([sys.executable, str(HERE / script), str(port), *args],
                    tmp_path_factory.mktemp(script.split(".")[0]) / "out.log")
     try:
-        wait_for_port("127.0.0.1", port)
+        wait_for_port(host, port)
         yield port
     finally:
         proc.stop()
@@ -310,3 +323,34 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10.0, host: str = "127
     with socket.create_connection((host, port), timeout=timeout) as s:
         s.sendall(data)
         return read_to_eof(s)
+
+
+class HalfCloseOrigin:
+    """Reads until the client half-closes, then answers with what it got; or speaks first and
+    half-closes its own side, then still reads. Shows both directions survive the other's FIN."""
+
+    def __init__(self, mode: str) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.mode = mode
+        self.received = b""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        conn.settimeout(10)
+        with conn:
+            if self.mode == "server-first":
+                conn.sendall(b"banner")
+                conn.shutdown(socket.SHUT_WR)
+            for _ in range(1000):
+                data = conn.recv(65536)
+                if not data:
+                    break
+                self.received += data
+            if self.mode == "client-first":
+                conn.sendall(b"got:" + self.received)
+        self.sock.close()

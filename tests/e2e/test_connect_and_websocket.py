@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import socket
-import threading
 
 import pytest
 import websockets
@@ -19,7 +18,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from .conftest import curl, free_port, read_to_eof
+from .conftest import HalfCloseOrigin, curl, free_port, read_to_eof
 
 
 def test_curl_proxytunnel(appliance, origin):
@@ -33,39 +32,8 @@ def test_curl_proxytunnel(appliance, origin):
     assert record["status"] == 200 and record["bytes_down"] > 0 and record["bytes_up"] > 0
 
 
-class _HalfCloseOrigin:
-    """Reads until the client half-closes, then answers with what it got; or speaks first and
-    half-closes its own side, then still reads. Shows both directions survive the other's FIN."""
-
-    def __init__(self, mode: str) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1)
-        self.port = self.sock.getsockname()[1]
-        self.mode = mode
-        self.received = b""
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        conn, _ = self.sock.accept()
-        conn.settimeout(10)
-        with conn:
-            if self.mode == "server-first":
-                conn.sendall(b"banner")
-                conn.shutdown(socket.SHUT_WR)
-            for _ in range(1000):
-                data = conn.recv(65536)
-                if not data:
-                    break
-                self.received += data
-            if self.mode == "client-first":
-                conn.sendall(b"got:" + self.received)
-        self.sock.close()
-
-
 def test_connect_half_close_client_first(appliance):
-    origin = _HalfCloseOrigin("client-first")
+    origin = HalfCloseOrigin("client-first")
     sock = Proxy.from_url(appliance.proxy).connect("127.0.0.1", origin.port, timeout=10)
     sock.settimeout(10)
     sock.sendall(b"hello tunnel")
@@ -92,7 +60,7 @@ def _raw_tunnel(proxy_port: int, authority: str) -> tuple[socket.socket, bytes]:
 
 
 def test_connect_half_close_server_first(appliance):
-    origin = _HalfCloseOrigin("server-first")
+    origin = HalfCloseOrigin("server-first")
     sock, banner = _raw_tunnel(appliance.http_port, f"127.0.0.1:{origin.port}")
     banner += read_to_eof(sock)
     sock.sendall(b"after your FIN")               # the other direction still flows

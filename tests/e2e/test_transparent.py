@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from .conftest import HERE, REPO, child_env, require_tool
+from .conftest import HERE, REPO, child_env, read_access_log, require_tool, wait_for_record
 from .netns import TestNetwork, require_network_tools
 
 ORIGIN3_IP4 = "198.51.100.12"
@@ -138,21 +138,11 @@ def client_curl(net, *args: str) -> subprocess.CompletedProcess:
 
 
 def records(net) -> list[dict]:
-    path = net.app_dir / "access.log"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_access_log(net.app_dir / "access.log")
 
 
 def wait_record(net, predicate, timeout: float = 10.0) -> dict:
-    import time
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.05) + 1):
-        found = [r for r in records(net) if predicate(r)]
-        if found:
-            return found[-1]
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    raise AssertionError(f"no matching access-log record in {records(net)[-5:]}\n{net.log(net.app)[-3000:]}")
+    return wait_for_record(net.app_dir / "access.log", predicate, timeout, lambda: net.log(net.app)[-3000:])
 
 
 def client_python(net, code: str) -> dict:
