@@ -41,7 +41,9 @@ def _derived(config: Config) -> list[str]:
     host = f"[{name}]" if ":" in name else name
     listen = config.listen
     entries = []
-    for kind, listeners in (("HTTPS", listen.https), ("PROXY", listen.http), ("SOCKS5", listen.socks5)):
+    # SOCKS5 is left out: a browser that cannot reach HTTPS or PROXY on this host will not reach
+    # SOCKS5 there either, and SOCKS5 carries no HTTP semantics (list it in `proxies` to want it).
+    for kind, listeners in (("HTTPS", listen.https), ("PROXY", listen.http)):
         ports = dict.fromkeys(address.port for address in listeners)   # first port first
         entries += [f"{kind} {host}:{port}" for port in ports][:1]
     return entries

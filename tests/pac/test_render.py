@@ -22,10 +22,9 @@ def test_proxies_are_derived_from_the_listeners_https_first():
     assert proxy_list(config()) == "HTTPS gw.example.net:443; PROXY gw.example.net:3128; DIRECT"
 
 
-def test_socks5_listener_comes_last_and_an_ip_name_is_used_as_is():
+def test_socks5_listener_is_not_derived_and_an_ip_name_is_used_as_is():
     listen = '[listen]\nhttp = "192.0.2.1:3128"\nsocks5 = "192.0.2.1:1080"\n'
-    assert proxy_list(config(listen=listen, name="2001:db8::1")) == \
-        "PROXY [2001:db8::1]:3128; SOCKS5 [2001:db8::1]:1080; DIRECT"
+    assert proxy_list(config(listen=listen, name="2001:db8::1")) == "PROXY [2001:db8::1]:3128; DIRECT"
 
 
 def test_configured_proxies_win_and_direct_can_be_left_out():
