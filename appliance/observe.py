@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -78,21 +79,49 @@ class AccessLog:
         self.path = path
         self.format = fmt
         self._file = None
+        self._last_complaint = float("-inf")
         self.reopen()
 
     def reopen(self) -> None:
+        """Open (again) the log file, after logrotate moved it (SIGUSR1). A file that cannot be
+        opened leaves the log off; each write tries again, and losses are counted."""
         if self.path == "-":
             self._file = sys.stdout
             return
-        old, self._file = self._file, open(self.path, "a", encoding="utf-8", buffering=1)
+        old = self._file
+        try:
+            self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+        except OSError as exc:
+            self._file = None
+            self._failed(exc)
         if old is not None:
-            old.close()
+            try:
+                old.close()
+            except OSError:
+                pass
 
-    def write(self, record: AccessRecord) -> None:
+    def write(self, record: AccessRecord) -> bool:
+        """Append one line; False when it could not be written (full disk, file gone, ...).
+        Proxying never stops for the log: the caller counts the loss and goes on."""
         line = record.to_squid() if self.format == "squid" else record.to_json()
-        self._file.write(line + "\n")
-        if self.path == "-":
-            self._file.flush()
+        try:
+            if self._file is None:
+                self.reopen()
+            self._file.write(line + "\n")
+            if self.path == "-":
+                self._file.flush()
+        except (OSError, ValueError) as exc:       # ValueError: write to a closed file
+            self._failed(exc)
+            return False
+        return True
+
+    def _failed(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_complaint > 60:
+            self._last_complaint = now
+            logging.getLogger("appliance.observe").error(
+                "access log %s: cannot write (%s); lines are lost until it works again",
+                self.path, getattr(exc, "strerror", None) or exc)
 
     def close(self) -> None:
         if self._file is not None and self.path != "-":
@@ -118,6 +147,9 @@ class Metrics:
         self.dns_queries = Counter("appliance_dns_queries", "DNS queries on the dns listener by result "
                                    "(answered, forwarded, refused, truncated, servfail, malformed)",
                                    ["result"], registry=r)
+        self.log_failures = Counter("appliance_access_log_write_failures",
+                                    "Access-log lines that could not be written (full disk, ...)",
+                                    registry=r)
         Info("appliance_build", "Build information", registry=r).info({"version": __version__})
 
         self._children: dict[tuple, object] = {}
@@ -159,4 +191,5 @@ class Observer:
         m.child(m.bytes, record.listener, "up").inc(record.bytes_up)
         m.child(m.bytes, record.listener, "down").inc(record.bytes_down)
         m.child(m.duration, record.listener).observe(record.duration_s)
-        self.access_log.write(record)
+        if not self.access_log.write(record):
+            m.log_failures.inc()
