@@ -51,17 +51,28 @@ def cmd_check_config(args, config) -> int:
 
 @_with_config
 def cmd_run(args, config) -> int:
+    """One process serves; with `[appliance] workers` > 1 this one supervises that many workers
+    (`supervisor.py`), each of which runs this again, told by its environment that it is one."""
+    from .supervisor import Supervisor, WorkerSettings, attend
+    worker = WorkerSettings.from_environ(os.environ)
+    supervising = worker is None and config.appliance.workers > 1
+    whose = "" if worker is None and not supervising else "[%(process)d]"   # they share stderr
     level = getattr(logging, config.log.level.upper())
     logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s{whose}: %(message)s")
     for chatty in ("hpack", "h2"):          # per-frame debug lines would drown ours
         logging.getLogger(chatty).setLevel(max(level, logging.INFO))
     from certs import CAError
-
-    from .server import ApplianceServer
     try:
         os.makedirs(config.appliance.state_dir, exist_ok=True)
-        server = ApplianceServer(config)
+        if supervising:
+            return Supervisor(config, args.config).run()
+        from .server import ApplianceServer
+        if worker is None:
+            server = ApplianceServer(config)
+        else:
+            server = ApplianceServer(config, worker.index, worker.status_dir)
+            attend(server, worker)
         server.serve_forever()
     except (OSError, CAError) as exc:
         logging.getLogger("appliance").error("cannot start: %s", exc)

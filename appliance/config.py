@@ -160,6 +160,15 @@ class LimitsSection:
     client_idle_timeout: float = 60.0
     tunnel_idle_timeout: float = 3600.0
     max_connections: int = 10000
+    header_timeout: float = 30.0            # a request head must be complete this long after its first byte
+    max_connections_per_client: int = 1000  # connections one client address may hold at once
+    max_h2_streams: int = 100               # concurrent streams per HTTP/2 connection
+    drain_timeout: float = 10.0             # on SIGTERM: time left for requests and tunnels in flight
+
+
+@dataclass(frozen=True)
+class AdminSection:
+    users_file: Path | None = None          # Basic auth for the admin listener (None: none)
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,7 @@ class Config:
     pac: PacSection = field(default_factory=PacSection)
     dns: DnsSection = field(default_factory=DnsSection)
     auth: AuthSection = field(default_factory=AuthSection)
+    admin: AdminSection = field(default_factory=AdminSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     log: LogSection = field(default_factory=LogSection)
     rules: tuple[Rule, ...] = ()
@@ -313,7 +323,10 @@ _SECTIONS: dict[str, tuple[type, dict[str, Convert]]] = {
     "limits": (LimitsSection, {
         "max_header_bytes": integer(1024, 16 << 20), "max_connections": integer(1, 10**7),
         "client_idle_timeout": seconds, "tunnel_idle_timeout": seconds,
+        "header_timeout": seconds, "max_connections_per_client": integer(1, 10**7),
+        "max_h2_streams": integer(1, 10000), "drain_timeout": seconds,
     }),
+    "admin": (AdminSection, {"users_file": optional_path}),
     "log": (LogSection, {
         "access_log": access_log, "format": choice("jsonl", "squid"),
         "level": choice("debug", "info", "warning", "error"),

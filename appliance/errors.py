@@ -98,7 +98,8 @@ def socks5_reply(exc: BaseException) -> tuple[int, str]:
 
 _REASONS = {
     400: "Bad Request", 403: "Forbidden", 404: "Not Found", 407: "Proxy Authentication Required",
-    405: "Method Not Allowed", 421: "Misdirected Request",
+    405: "Method Not Allowed", 408: "Request Timeout", 421: "Misdirected Request",
+    429: "Too Many Requests",
     500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
     504: "Gateway Timeout", 505: "HTTP Version Not Supported", 508: "Loop Detected",
 }

@@ -10,13 +10,16 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import __version__
+from .status import StatusBoard
 
 
 @dataclass
@@ -129,15 +132,25 @@ class AccessLog:
 
 
 class Metrics:
-    """Prometheus metrics (`appliance_` prefix, base units, `_total` counters), per listener."""
+    """Prometheus metrics (`appliance_` prefix, base units, `_total` counters), per listener.
+
+    With several workers (`[appliance] workers`), the supervisor gives each worker
+    PROMETHEUS_MULTIPROC_DIR: prometheus_client then keeps every value in a per-process file
+    there, and `render` sums all the workers' files, dead ones' counters included, so whichever
+    worker answers /metrics reports the whole appliance. Gauges count only live workers
+    (`livesum`); `Info` has no multiprocess mode, so build info is a `max` gauge there.
+    """
+
+    MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"     # prometheus_client's own name for it
 
     def __init__(self) -> None:
+        self.multiprocess_dir = os.environ.get(self.MULTIPROC_ENV) or None
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Counter("appliance_connections", "Client connections accepted",
                                    ["listener"], registry=r)
         self.active = Gauge("appliance_active_connections", "Client connections open now",
-                            ["listener"], registry=r)
+                            ["listener"], registry=r, multiprocess_mode="livesum")
         self.requests = Counter("appliance_requests", "Requests and tunnels by final status",
                                 ["listener", "status"], registry=r)
         self.bytes = Counter("appliance_transferred_bytes", "Bytes relayed (up: client to origin)",
@@ -150,7 +163,13 @@ class Metrics:
         self.log_failures = Counter("appliance_access_log_write_failures",
                                     "Access-log lines that could not be written (full disk, ...)",
                                     registry=r)
-        Info("appliance_build", "Build information", registry=r).info({"version": __version__})
+        self.limit_refusals = Counter("appliance_limit_refusals",
+                                      "Connections refused by a [limits] setting", ["limit"], registry=r)
+        if self.multiprocess_dir is None:
+            Info("appliance_build", "Build information", registry=r).info({"version": __version__})
+        else:
+            Gauge("appliance_build_info", "Build information", ["version"], registry=r,
+                  multiprocess_mode="max").labels(__version__).set(1)
 
         self._children: dict[tuple, object] = {}
 
@@ -163,27 +182,40 @@ class Metrics:
         return found
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        everyone = CollectorRegistry()             # fresh per scrape: the files are the truth
+        MultiProcessCollector(everyone, self.multiprocess_dir)
+        return generate_latest(everyone)
 
 
 class Observer:
-    """Where every path ends: one access-log line and one set of metric updates."""
+    """Where every path ends: one access-log line, one set of metric updates, and the counts
+    of the status page (`board`)."""
 
-    def __init__(self, access_log: AccessLog, metrics: Metrics | None = None) -> None:
+    def __init__(self, access_log: AccessLog, metrics: Metrics | None = None,
+                 board: StatusBoard | None = None) -> None:
         self.access_log = access_log
         self.metrics = metrics or Metrics()
+        self.board = board or StatusBoard(__version__, time.time())
         self._connection_ids = itertools.count(1)
+
+    def live(self, kind: str):
+        """`with observer.live("tunnel"):` around a relay: counted as running on the status page."""
+        return self.board.live(kind)
 
     def connection_opened(self, listener: str) -> int:
         """Count a new client connection; returns its number for the access log."""
         m = self.metrics
         m.child(m.connections, listener).inc()
         m.child(m.active, listener).inc()
+        self.board.opened(listener)
         return next(self._connection_ids)
 
     def connection_closed(self, listener: str) -> None:
         m = self.metrics
         m.child(m.active, listener).dec()
+        self.board.closed(listener)
 
     def finish(self, record: AccessRecord) -> None:
         m = self.metrics
@@ -191,5 +223,6 @@ class Observer:
         m.child(m.bytes, record.listener, "up").inc(record.bytes_up)
         m.child(m.bytes, record.listener, "down").inc(record.bytes_down)
         m.child(m.duration, record.listener).observe(record.duration_s)
+        self.board.finished(record, time.time())
         if not self.access_log.write(record):
             m.log_failures.inc()

@@ -8,6 +8,8 @@ answer correctly: nobody to answer for a vanished client, 502/504 for an origin.
 
 from __future__ import annotations
 
+import time
+
 import socket
 
 from .errors import ClientError, UpstreamError
@@ -48,20 +50,45 @@ class SocketReader:
         self.received += len(data)
         return data
 
+    def _recv_within(self, left: float, deadline: float, limit: float) -> bytes:
+        """One read, waiting at most `left` seconds (or the idle timeout, if shorter)."""
+        idle = self.timeout
+        self.timeout = min(idle, left) if idle is not None else left
+        try:
+            return self.recv()
+        except ClientError:
+            if time.monotonic() >= deadline:
+                raise RemoteProtocolError(f"request head not complete within {limit:g}s", 408) from None
+            raise
+        finally:
+            self.timeout = idle
+
     def unread(self, data: bytes) -> None:
         if data:
             self.buffered = data + self.buffered
 
-    def read_head(self, max_bytes: int) -> bytes | None:
-        """One message head, or None if the peer closed before sending a byte of it."""
+    def read_head(self, max_bytes: int, complete_within: float | None = None) -> bytes | None:
+        """One message head, or None if the peer closed before sending a byte of it.
+
+        `complete_within`: once the first byte is in, the rest must follow within this many
+        seconds (a slowloris client trickling a byte per idle timeout is cut off with 408).
+        """
         buf = self.buffered.lstrip(b"\r\n")   # RFC 9112 §2.2: ignore CRLF before a request line
         self.buffered = b""
+        deadline = None
         while True:
             end = find_head_end(buf, max_bytes) if buf else -1
             if end >= 0:
                 self.buffered = buf[end:]
                 return buf[:end]
-            data = self.recv()
+            if buf and complete_within is not None:
+                deadline = deadline or time.monotonic() + complete_within
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RemoteProtocolError(f"request head not complete within {complete_within:g}s", 408)
+                data = self._recv_within(left, deadline, complete_within)
+            else:
+                data = self.recv()
             if not data:
                 if not buf:
                     return None

@@ -1,8 +1,11 @@
 """Starts the listeners, routes each accepted connection to its frontend, handles signals.
 
-Each listener address gets a gevent `StreamServer`; all share one `Pool(max_connections)`, so a
-flood of connections waits at accept instead of exhausting memory. Signals: TERM/INT drain and
-stop, HUP reloads the config (kept if invalid), USR1 reopens the access log for logrotate.
+Each listener address gets a gevent `StreamServer`; all share one bounded `Pool`, and
+`limits.ConnectionLimiter` answers connections over `[limits] max_connections` (in all, and per
+client address) with a refusal, so a flood neither exhausts memory nor starves other clients.
+Signals: TERM/INT drain ([limits] drain_timeout) and stop, HUP reloads the config (kept if
+invalid; listeners added or removed are opened or closed, connections in flight keep going),
+USR1 reopens the access log for logrotate.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import signal
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import gevent
 from gevent import socket
@@ -24,25 +28,36 @@ from pac.render import render_pac
 from . import __version__
 from .config import Address, Config, ConfigErrors, load
 from .context import ProxyContext
-from .frontends.admin import PROMETHEUS_TEXT, AdminSession, json_body
+from .auth import Authenticator
+from .frontends.admin import PROMETHEUS_TEXT, AdminSession, BasicAuthGuard, json_body
 from .frontends.http1 import Http1Session
 from .frontends.socks5 import Socks5Session
+from .frontends.status_page import status_page
 from .frontends.tls import TlsSession, listener_certificate, server_context
 from .frontends.transparent import TransparentHttpSession, TransparentTlsSession
+from .limits import ConnectionLimiter, RefusalLog, refuse_connection
 from .netfilter import allow_tproxy
 from .observe import AccessLog, Observer
+from .status import StatusPublisher
+from .supervisor import shares_ports
 
 log = logging.getLogger("appliance.server")
 
 STREAM_LISTENERS = ("http", "https", "admin", "pac", "socks5", "transparent_http", "transparent_tls")
 TRANSPARENT = ("transparent_http", "transparent_tls")
-DRAIN_SECONDS = 10.0
+REFUSAL_HEADROOM = 256     # greenlets beyond max_connections, to answer connections over it
 
 
-def listening_socket(address: Address, backlog: int = 1024, transparent: bool = False) -> socket.socket:
+def listening_socket(address: Address, backlog: int = 1024, transparent: bool = False,
+                     reuse_port: bool | None = None) -> socket.socket:
+    """A listening TCP socket on `address`. `reuse_port` (SO_REUSEPORT) lets every worker process
+    bind the same port, the kernel spreading connections over them; None: only in a worker of
+    the supervisor (`supervisor.shares_ports`), so two appliances never share a port by mistake."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port or (reuse_port is None and shares_ports()):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     if transparent and not allow_tproxy(sock):
@@ -53,15 +68,22 @@ def listening_socket(address: Address, backlog: int = 1024, transparent: bool = 
 
 
 class ApplianceServer:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: int | None = None,
+                 status_dir: Path | None = None) -> None:
         self.config = config
+        self.worker = worker                  # index among the supervisor's workers; None: alone
+        self.status_dir = status_dir          # where workers leave status snapshots; None: alone
         self.access_log = AccessLog(config.log.access_log, config.log.format)
         self.observer = Observer(self.access_log)
         self.ctx = ProxyContext.from_config(config, self.observer)
-        self.servers: list[tuple[str, StreamServer]] = []
+        self.listeners: dict[tuple[str, Address], StreamServer] = {}
+        self.limiter = ConnectionLimiter()
+        self._admin_auth: BasicAuthGuard | None = None
+        self.refusals = RefusalLog()
         self.started_at = time.time()
         self._stop = Event()
-        self._pool = Pool(config.limits.max_connections)
+        # Refusals over a limit need a greenlet too: the pool has room for them beyond the limit.
+        self._pool = Pool(config.limits.max_connections + REFUSAL_HEADROOM)
         self.dns = None                       # the WPAD DNS responder (UDP and TCP), if listening
         self.pac_document: PacDocument | None = None
         self._render_pac()
@@ -83,12 +105,21 @@ class ApplianceServer:
         if kind == "https":
             context = server_context(*listener_certificate(self.config))
             return lambda sock, addr: TlsSession(self.ctx, context, sock, addr, "https").run()
-        return self._session({"/healthz": self._healthz, "/metrics": self._metrics, "/status": self._status})
+        return self._session(self._admin_routes(), guard=self._admin_guard)
 
-    def _session(self, routes):
+    def _session(self, routes, guard=None):
         limits = self.config.limits
         return lambda sock, addr: AdminSession(sock, addr, routes, limits.client_idle_timeout,
-                                               limits.max_header_bytes).run()
+                                               limits.max_header_bytes, guard).run()
+
+    def _admin_guard(self, client: str, path: str, headers):
+        """[admin] users_file: Basic auth on the admin listener, read from the config in force."""
+        users_file = self.config.admin.users_file
+        if users_file is None or path == "/healthz":   # health checks carry no credentials
+            return None
+        if self._admin_auth is None or self._admin_auth.authenticator.users_file != users_file:
+            self._admin_auth = BasicAuthGuard(Authenticator(users_file, "appliance admin"))
+        return self._admin_auth(client, headers)
 
     def _pac_routes(self):
         """The pac listener: the PAC file (as WPAD expects it, too) and the CA to install."""
@@ -109,27 +140,66 @@ class ApplianceServer:
                                               datetime.now(timezone.utc), self.pac_document)
 
     def start(self) -> None:
-        listen = self.config.listen
-        if self.config.appliance.workers > 1:
-            log.warning("appliance.workers = %d: this version serves from one process",
-                        self.config.appliance.workers)
         if self._intercepts():
             self.ctx.leaf_contexts          # the CA now, not at the first intercepted client
-        for kind in STREAM_LISTENERS:
-            for address in getattr(listen, kind):
-                handler = self._handler(kind, address)
-                server = StreamServer(listening_socket(address, transparent=kind in TRANSPARENT),
-                                      handler, spawn=self._pool)
-                server.start()
-                self.servers.append((kind, server))
-                log.info("%s listener on %s", kind, address)
-        if listen.dns:
-            from pac.dns_server import DnsService
-            self.dns = DnsService(listen.dns, lambda: self.config, self.observer)
-            self.dns.start()
-            for address in listen.dns:
-                log.info("dns listener on %s (UDP and TCP)", address)
+        self._apply_listeners()
         log.info("appliance %s ready", __version__)
+
+    def _wanted_listeners(self) -> list[tuple[str, Address]]:
+        listen = self.config.listen
+        return [(kind, address) for kind in STREAM_LISTENERS for address in getattr(listen, kind)]
+
+    def _apply_listeners(self) -> None:
+        """Open the listeners the config names and close those it no longer does. Closing only
+        stops accepting: connections already accepted on a closed listener go on to their end."""
+        wanted = self._wanted_listeners()
+        for key in [key for key in self.listeners if key not in wanted]:
+            self.listeners.pop(key).close()
+            log.info("%s listener on %s closed", *key)
+        for kind, address in wanted:
+            if (kind, address) in self.listeners:
+                continue
+            handler = self._limited(kind, self._handler(kind, address))
+            server = StreamServer(listening_socket(address, transparent=kind in TRANSPARENT),
+                                  handler, spawn=self._pool)
+            server.start()
+            self.listeners[(kind, address)] = server
+            log.info("%s listener on %s", kind, address)
+        self._apply_dns()
+
+    def _apply_dns(self) -> None:
+        addresses = self.config.listen.dns
+        if self.dns is not None and tuple(self.dns.addresses) == tuple(addresses):
+            return
+        if self.dns is not None:
+            self.dns.stop()
+            self.dns = None
+            log.info("dns listener closed")
+        if addresses:
+            from pac.dns_server import DnsService
+            self.dns = DnsService(addresses, lambda: self.config, self.observer)
+            self.dns.start()
+            for address in addresses:
+                log.info("dns listener on %s (UDP and TCP)", address)
+
+    def _limited(self, kind: str, handler):
+        """`handler`, behind [limits] max_connections and max_connections_per_client (the admin
+        listener is exempt from the per-client cap, so an operator can always look)."""
+        def serve(sock, addr) -> None:
+            client = addr[0]
+            limits = self.config.limits
+            per_client = limits.max_connections_per_client if kind != "admin" else limits.max_connections
+            refused = self.limiter.acquire(client, limits.max_connections, per_client)
+            if refused is not None:
+                self.observer.metrics.child(self.observer.metrics.limit_refusals, refused).inc()
+                self.refusals.note(client, refused, kind)
+                refuse_connection(kind, sock, refused)
+                return
+            try:
+                handler(sock, addr)
+            finally:
+                self.limiter.release(client)
+        return serve
 
     def _intercepts(self) -> bool:
         return bool(self.config.listen.transparent_tls) or any(
@@ -137,18 +207,25 @@ class ApplianceServer:
 
     @property
     def ready(self) -> bool:
-        return (bool(self.servers) and all(s.started for _, s in self.servers)
+        return (bool(self.listeners) and all(s.started for s in self.listeners.values())
                 and (self.dns is None or self.dns.ready))
 
-    def stop(self, timeout: float = DRAIN_SECONDS) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting, GOAWAY on HTTP/2, let requests and tunnels in flight go on for up
+        to `timeout` ([limits] drain_timeout), then close what is left."""
+        if timeout is None:
+            timeout = self.config.limits.drain_timeout
         if self.dns is not None:
             self.dns.stop()
-        for _, server in self.servers:
+        if self.status_publisher is not None:
+            self.status_publisher.stop()
+        for server in self.listeners.values():
             server.close()                   # stop accepting at once
         for session in list(self.ctx.h2_sessions):
             gevent.spawn(session.drain)      # GOAWAY: no new streams, finish those in flight
-        for _, server in self.servers:
-            server.stop(timeout=timeout)     # then give connections in flight time to finish
+        deadline = time.monotonic() + timeout
+        for server in self.listeners.values():
+            server.stop(timeout=max(0.0, deadline - time.monotonic()))
         self.ctx.pool.close()
         self.access_log.close()
 
@@ -162,13 +239,37 @@ class ApplianceServer:
     def _metrics(self, _headers=()) -> tuple[int, str, bytes]:
         return 200, PROMETHEUS_TEXT, self.observer.metrics.render()
 
-    def _status(self, _headers=()) -> tuple[int, str, bytes]:
-        return 200, "application/json", json_body({
-            "version": __version__, "config": str(self.config.path),
-            "uptime_seconds": round(time.time() - self.started_at, 1),
-            "listeners": [{"kind": k, "address": f"{s.server_host}:{s.server_port}"} for k, s in self.servers],
+    # With a status_dir (several workers), each worker shares its snapshot through a file there
+    # and /status.json merges the fresh ones; without, it serves this process's own.
+    status_publisher: StatusPublisher | None = None
+
+    def _admin_routes(self) -> dict:
+        if self.status_dir is not None and self.status_publisher is None:
+            self.status_publisher = StatusPublisher(self.status_dir, self.status_snapshot)
+            self.status_publisher.start()
+        return {"/healthz": self._healthz, "/metrics": self._metrics,
+                "/status": status_page, "/status.json": self._status}
+
+    def status_snapshot(self, now: float) -> dict:
+        """This process's counts (status.StatusBoard) and what only the server knows."""
+        # A closed session may stay in the weak set until the garbage collector comes by.
+        h2 = [session for session in self.ctx.h2_sessions if session.sock.fileno() >= 0]
+        snapshot = self.observer.board.snapshot(
+            now, [{"kind": k, "address": f"{s.server_host}:{s.server_port}"}
+                  for (k, _), s in self.listeners.items()],
+            h2_connections=len(h2), h2_streams=sum(len(session.streams) for session in h2))
+        snapshot.update({
+            "name": self.config.appliance.name, "config": str(self.config.path),
+            "uptime_seconds": round(now - self.started_at, 1),
             "connections": len(self._pool), "pooled_origin_connections": self.ctx.pool.idle_count,
         })
+        return snapshot
+
+    def _status(self, _headers=()) -> tuple[int, str, bytes]:
+        now = time.time()
+        publisher = self.status_publisher
+        data = self.status_snapshot(now) if publisher is None else publisher.collect(now)
+        return 200, "application/json", json_body(data)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -181,7 +282,11 @@ class ApplianceServer:
         self.config = config
         self.ctx.use(config)
         self._render_pac()
-        log.info("config reloaded from %s (listener changes need a restart)", config.path)
+        try:
+            self._apply_listeners()
+        except OSError as exc:               # a new address in use or not ours: keep the rest
+            log.error("reload: cannot open a listener: %s", exc)
+        log.info("config reloaded from %s", config.path)
 
     def serve_forever(self) -> None:
         gevent.signal_handler(signal.SIGTERM, self._stop.set)
@@ -190,5 +295,5 @@ class ApplianceServer:
         gevent.signal_handler(signal.SIGUSR1, self.access_log.reopen)
         self.start()
         self._stop.wait()
-        log.info("stopping: draining connections for up to %gs", DRAIN_SECONDS)
+        log.info("stopping: draining connections for up to %gs", self.config.limits.drain_timeout)
         self.stop()

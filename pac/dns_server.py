@@ -32,6 +32,7 @@ from gevent.server import StreamServer
 
 from appliance.config import Address, Config
 from appliance.observe import Observer
+from appliance.supervisor import shares_ports
 
 from .dns_answer import (
     MAX_MESSAGE,
@@ -273,13 +274,17 @@ def read_exactly(sock: socket.socket, size: int, deadline: float) -> bytes | Non
     return bytes(data)
 
 
-def bound_socket(address: Address, kind: int) -> socket.socket:
-    """A UDP or listening TCP socket on `address`; IPv6 ones take IPv6 only (no mapped IPv4)."""
+def bound_socket(address: Address, kind: int, reuse_port: bool | None = None) -> socket.socket:
+    """A UDP or listening TCP socket on `address`; IPv6 ones take IPv6 only (no mapped IPv4).
+    `reuse_port` (SO_REUSEPORT, UDP and TCP) lets the supervisor's workers share the address;
+    None: only in such a worker (`appliance.supervisor.shares_ports`)."""
     family = _family(address)
     sock = socket.socket(family, kind)
     try:
         if kind == socket.SOCK_STREAM:    # not for UDP: there it would let a second socket share the port
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port or (reuse_port is None and shares_ports()):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))

@@ -42,7 +42,6 @@ log = logging.getLogger("appliance.h2")
 
 INITIAL_WINDOW = 256 * 1024          # per stream; what one stream may have in flight toward us
 CONNECTION_WINDOW = 4 * 1024 * 1024  # shared by all streams of a connection
-MAX_STREAMS = 100
 WRITE_HIGH_WATER = 1024 * 1024       # outbound bytes queued before senders wait for the writer
 # Abuse limits per connection and per 10 s window (rapid reset CVE-2023-44487, floods).
 FLOOD_WINDOW = 10.0
@@ -231,7 +230,7 @@ class H2Session(ClientSession):
         self.ctx.h2_sessions.add(self)
         limits = self.config.limits
         self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_h2_streams,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: INITIAL_WINDOW,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
             h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,

@@ -224,7 +224,9 @@ class H2Exchange:
                            Identity(self.record.user)).run_over_stream(self.stream)
 
     def _relay(self, sock: socket.socket, socket_first: bytes = b"") -> None:
-        result = relay.stream_pipe(self.stream, sock, self.s.config.limits.tunnel_idle_timeout, socket_first)
+        with self.s.ctx.observer.live(self.record.kind):        # "tunnel" or "websocket"
+            result = relay.stream_pipe(self.stream, sock, self.s.config.limits.tunnel_idle_timeout,
+                                       socket_first)
         self.record.bytes_up += result.a_to_b
         self.record.bytes_down += result.b_to_a
         self.record.error = result.error

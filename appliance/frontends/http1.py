@@ -114,7 +114,7 @@ class Http1Session(ClientSession):
         """Serve one request; True to keep the connection for another."""
         before = self.client.received - len(self.client.buffered)
         try:
-            raw = self.client.read_head(self.limits.max_header_bytes)
+            raw = self.client.read_head(self.limits.max_header_bytes, self.limits.header_timeout)
         except ClientError:
             return False                      # idle between requests, or gone: nothing to log
         except RemoteProtocolError as exc:
@@ -183,8 +183,9 @@ class Http1Session(ClientSession):
         record.bytes_up = self.client.received - len(self.client.buffered)
         self.client.sendall(reply)
         record.status = 200
-        result = relay.pipe(self.sock, origin, self.limits.tunnel_idle_timeout,
-                            a_to_b_first=self._take_buffered())
+        with self.ctx.observer.live("tunnel"):
+            result = relay.pipe(self.sock, origin, self.limits.tunnel_idle_timeout,
+                                a_to_b_first=self._take_buffered())
         origin.close()
         record.bytes_up += result.a_to_b
         record.bytes_down += len(reply) + result.b_to_a
@@ -274,8 +275,9 @@ class Http1Session(ClientSession):
             self.client.sendall(reply)
             record.status = 101
             record.bytes_up = self.client.received - len(self.client.buffered)
-            result = relay.stream_pipe(tunnel, self.sock, self.limits.tunnel_idle_timeout,
-                                       socket_first=self._take_buffered())
+            with self.ctx.observer.live("websocket"):
+                result = relay.stream_pipe(tunnel, self.sock, self.limits.tunnel_idle_timeout,
+                                           socket_first=self._take_buffered())
             record.bytes_up += result.b_to_a
             record.bytes_down += len(reply) + result.a_to_b
             record.error = result.error
@@ -386,9 +388,10 @@ class OriginExchange:
         record.status = 101
         record.bytes_up = self.s.client.received - len(self.s.client.buffered)
         origin_sock = self.request.conn.sock
-        result = relay.pipe(self.s.sock, origin_sock, self.s.limits.tunnel_idle_timeout,
-                            a_to_b_first=self.s._take_buffered(),
-                            b_to_a_first=self.request.reader.buffered)
+        with self.s.ctx.observer.live("websocket"):
+            result = relay.pipe(self.s.sock, origin_sock, self.s.limits.tunnel_idle_timeout,
+                                a_to_b_first=self.s._take_buffered(),
+                                b_to_a_first=self.request.reader.buffered)
         self.request.close()
         record.bytes_up += result.a_to_b
         record.bytes_down += len(head) + result.b_to_a

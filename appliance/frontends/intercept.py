@@ -295,7 +295,8 @@ class TunnelInterception:
             sock.close()
             return
         try:
-            relay.pipe(sock, origin, self.ctx.config.limits.tunnel_idle_timeout)
+            with self.ctx.observer.live("tunnel"):
+                relay.pipe(sock, origin, self.ctx.config.limits.tunnel_idle_timeout)
         finally:
             origin.close()
             sock.close()

@@ -26,9 +26,10 @@ class Credentials:
     password: str
 
 
-def basic_credentials(headers: Headers) -> Credentials | None:
-    """The Basic credentials in Proxy-Authorization, or None if absent or not Basic/decodable."""
-    value = header_value(headers, "proxy-authorization")
+def basic_credentials(headers: Headers, field: str = "proxy-authorization") -> Credentials | None:
+    """The Basic credentials in Proxy-Authorization (or `field`: "authorization" for a server
+    of its own, like the admin listener), or None if absent or not Basic/decodable."""
+    value = header_value(headers, field)
     if not value:
         return None
     scheme, _, token = value.strip().partition(" ")

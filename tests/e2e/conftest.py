@@ -112,7 +112,8 @@ class Appliance:
     """The real appliance (`python -m appliance run`) on free loopback ports, with a generated config."""
 
     def __init__(self, workdir: Path, extra: str = "", rules: str = DEFAULT_RULES,
-                 http: list[str] | None = None, log: str = "", more_listeners: str = "") -> None:
+                 http: list[str] | None = None, log: str = "", more_listeners: str = "",
+                 workers: int | str = 1) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.http_port, self.https_port, self.admin_port = free_ports(3)
@@ -121,7 +122,8 @@ class Appliance:
         listen = http or [f"127.0.0.1:{self.http_port}"]
         self.config_path = self.dir / "appliance.toml"
         self.config_path.write_text(
-            f'[appliance]\nname = "proxy.test"\nstate_dir = "var"\n\n'
+            f'[appliance]\nname = "proxy.test"\nstate_dir = "var"\n'
+            f'{"" if workers == 1 else f"workers = {json.dumps(workers)}"}\n'
             f"[listen]\nhttp = {json.dumps(listen)}\nhttps = \"127.0.0.1:{self.https_port}\"\n"
             f"admin = \"127.0.0.1:{self.admin_port}\"\n{more_listeners}\n\n"
             f'[log]\naccess_log = "access.log"\nlevel = "debug"\n{log}\n\n{extra}\n{rules}\n')

@@ -1,4 +1,4 @@
-"""The admin listener (/healthz, /metrics, /status) and the `appliance` command line."""
+"""The admin listener (/healthz, /metrics, /status, /status.json) and the `appliance` command line."""
 
 from __future__ import annotations
 
@@ -43,10 +43,13 @@ def test_healthz_status_and_metrics(make_appliance, origin):
     assert _metric(text, "appliance_transferred_bytes_total", listener="http", direction="down") > 100
     assert _metric(text, "appliance_transferred_bytes_total", listener="http", direction="up") > 100
     assert 'appliance_build_info{version="' in text
-    status, body = app.admin_get("/status")
+    status, body = app.admin_get("/status.json")
     assert status == 200
     info = json.loads(body)
     assert info["listeners"][0]["kind"] == "http"
+    assert info["totals"]["requests"] == 3 and info["totals"]["denials"] == 1
+    status, page = app.admin_get("/status")
+    assert status == 200 and page.startswith("<!doctype html>")
     assert app.admin_get("/nope")[0] == 404
 
 

@@ -26,7 +26,10 @@ import pytest
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
-from appliance.frontends.h2 import MAX_PINGS, MAX_RESETS, MAX_SETTINGS, MAX_STREAMS
+from appliance.config import LimitsSection
+from appliance.frontends.h2 import MAX_PINGS, MAX_RESETS, MAX_SETTINGS
+
+MAX_STREAMS = LimitsSection().max_h2_streams          # the default
 
 from .conftest import Appliance
 from .h2_raw_client import H2RawClient

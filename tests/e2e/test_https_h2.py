@@ -199,8 +199,8 @@ def test_h2_drain_sends_goaway_and_finishes_streams_in_flight(make_appliance, or
 def test_tunnel_inside_tls_closes_cleanly_when_the_origin_closes_first(app):
     """TLS toward the client cannot half-close: the origin's FIN ends the tunnel, after every
     byte it sent has arrived, as TLS records (never as plain bytes on the TLS connection)."""
-    from .test_connect_and_websocket import _HalfCloseOrigin
-    origin = _HalfCloseOrigin("server-first")
+    from .conftest import HalfCloseOrigin
+    origin = HalfCloseOrigin("server-first")
     context = ssl.create_default_context(cafile=str(app.ca_path))
     context.set_alpn_protocols(["http/1.1"])
     with socket.create_connection(("127.0.0.1", app.https_port), timeout=10) as raw:
