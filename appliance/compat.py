@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import ConnectionState, H2Connection, _decode_headers
+from h2.errors import ErrorCodes
+from hyperframe.frame import RstStreamFrame
 
 
 class GoawayTolerantH2Connection(H2Connection):
@@ -32,6 +34,24 @@ class GoawayTolerantH2Connection(H2Connection):
         super().close_connection(error_code, additional_data, last_stream_id)
         if error_code == 0 and state != ConnectionState.CLOSED:
             self.state_machine.state = state
+
+    refused_streams = 0              # new streams refused over MAX_CONCURRENT_STREAMS, for metrics
+
+    def _receive_headers_frame(self, frame):
+        # RFC 9113 §5.1.2: a HEADERS frame over our MAX_CONCURRENT_STREAMS is a *stream* error
+        # (REFUSED_STREAM: the client may retry it). h2 (4.1 to 4.4) raises TooManyStreamsError
+        # before decoding the block, which loses the HPACK state and so ends the connection.
+        # Here the block is decoded first (HPACK stays in step) and only that stream is refused.
+        if (frame.stream_id not in self.streams and frame.stream_id % 2 == 1
+                and frame.stream_id > self.highest_inbound_stream_id
+                and self.open_inbound_streams + 1 > self.local_settings.max_concurrent_streams):
+            list(_decode_headers(self.decoder, frame.data))
+            self.highest_inbound_stream_id = frame.stream_id
+            self.refused_streams += 1
+            reset = RstStreamFrame(frame.stream_id)
+            reset.error_code = ErrorCodes.REFUSED_STREAM
+            return [reset], []
+        return super()._receive_headers_frame(frame)
 
     def _begin_new_stream(self, stream_id, allowed_ids):
         # RFC 9113 §8.1.1: a content-length that disagrees with the DATA makes the request

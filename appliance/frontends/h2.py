@@ -162,6 +162,7 @@ class H2Session(ClientSession):
         self._drained = Event()
         self._drained.set()
         self.closing = False
+        self._refused_counted = 0
         self._floods = {"reset": _Flood(MAX_RESETS), "ping": _Flood(MAX_PINGS),
                         "settings": _Flood(MAX_SETTINGS)}
 
@@ -281,6 +282,8 @@ class H2Session(ClientSession):
                 log.info("h2 client %s: protocol error, closing: %s", self.client_ip, exc)
                 self.goaway(None)
                 return
+            if self.conn.refused_streams > self._refused_counted:
+                self._count_refused_streams()
             for event in events:
                 if self._dispatch(event) is False:
                     return
@@ -290,6 +293,14 @@ class H2Session(ClientSession):
             self._wake.set()
             if self.closing and not self.streams:
                 return
+
+    def _count_refused_streams(self) -> None:
+        refused = self.conn.refused_streams - self._refused_counted
+        self._refused_counted = self.conn.refused_streams
+        metrics = self.ctx.observer.metrics
+        metrics.child(metrics.limit_refusals, "h2_streams").inc(refused)
+        log.info("h2 client %s: %d stream(s) over [limits] max_h2_streams refused (REFUSED_STREAM)",
+                 self.client_ip, refused)
 
     def goaway(self, code) -> None:
         """Send GOAWAY(`code`), or with `code` None the one h2 queued on a protocol error."""

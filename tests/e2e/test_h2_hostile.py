@@ -336,17 +336,21 @@ def test_settings_and_ping_floods_are_cut_off(app, host, kind):
     assert f"{kind} flood" in app.proc.output()
 
 
-def test_more_streams_than_max_concurrent_streams_ends_the_connection(app, origin, host):
+def test_a_stream_over_max_concurrent_streams_is_refused_alone(app, origin, host):
     """100 streams held open (POSTs whose body never ends), then a 101st: RFC 9113 §5.1.2 makes it
-    a stream error, which h2 (4.1 and 4.4) raises before decoding the block, so the HPACK state
-    is lost and the connection has to go (a connection error, §5.4.1): GOAWAY(PROTOCOL_ERROR)."""
+    a stream error. h2 (4.1 and 4.4) would raise before decoding the block and lose the HPACK
+    state; compat.py decodes it first, so only that stream is reset (REFUSED_STREAM, which a
+    client may retry), the connection and its 100 streams go on, and the refusal is counted."""
     with bystander(app, host), client(app) as attacker:
         assert attacker.server_settings[SettingCodes.MAX_CONCURRENT_STREAMS] == MAX_STREAMS
         for i in range(MAX_STREAMS):
             attacker.request(block(host, f"/echo?concurrent={i}", method="POST"), end=False)
         # h2 will not open a stream over the peer's limit: the 101st goes as a raw frame
+        over_id = 2 * MAX_STREAMS + 1
         over = attacker.header_block(block(host, "/echo?concurrent=over"))
-        attacker.send_raw(attacker.headers_frame(2 * MAX_STREAMS + 1, over))
-        assert attacker.wait_closed()
-        assert attacker.goaway_code == ErrorCodes.PROTOCOL_ERROR
-        assert attacker.goaway_last_stream == 2 * MAX_STREAMS - 1     # the first 100 were taken
+        attacker.send_raw(attacker.headers_frame(over_id, over))
+        attacker.wait(lambda: over_id in attacker.resets, 10)
+        assert attacker.resets[over_id] == ErrorCodes.REFUSED_STREAM
+        assert attacker.goaway_code is None and not attacker.closed
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{app.admin_port}/metrics", timeout=5).read()
+        assert b'appliance_limit_refusals_total{limit="h2_streams"} 1.0' in metrics
