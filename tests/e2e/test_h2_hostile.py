@@ -257,8 +257,11 @@ def test_rapid_reset_is_cut_off_with_enhance_your_calm(app, origin, host):
         assert attacker.wait_closed()
         state = (i, attacker.goaway_code, attacker.goaway_last_stream, attacker.frame_counts)
         assert attacker.goaway_code == ErrorCodes.ENHANCE_YOUR_CALM, state
-        # cut off at the (MAX_RESETS + 1)th reset, not after all `attempts` streams
-        assert attacker.goaway_last_stream <= 2 * (MAX_RESETS + 1) - 1, state
+        # Cut off at the (MAX_RESETS + 1)th reset, not after all `attempts` streams. The GOAWAY
+        # names the highest stream h2 had parsed, and h2 parses a whole read at once: streams
+        # that came in the same read as the cut-off are named though never started (a busy CI
+        # box batches more), so allow a read's worth; the origin count below is the real bound.
+        assert attacker.goaway_last_stream <= 2 * (MAX_RESETS + 1 + 64) - 1, state
     # The streams taken before the cut-off still reached the origin (reset or not): that much
     # work per connection and 10 s is what the limit allows.
     rapid = [s for s in seen(origin)[before:] if "rapid=" in s]
