@@ -25,7 +25,7 @@ from gevent.server import StreamServer
 from pac.document import PacDocument
 from pac.render import render_pac
 
-from . import __version__
+from . import __version__, systemd_notify
 from .config import Address, Config, ConfigErrors, load
 from .context import ProxyContext
 from .auth import Authenticator
@@ -144,6 +144,7 @@ class ApplianceServer:
             self.ctx.leaf_contexts          # the CA now, not at the first intercepted client
         self._apply_listeners()
         log.info("appliance %s ready", __version__)
+        systemd_notify.ready()               # Type=notify: listeners are up (no-op elsewhere)
 
     def _wanted_listeners(self) -> list[tuple[str, Address]]:
         listen = self.config.listen

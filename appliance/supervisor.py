@@ -36,6 +36,7 @@ from typing import Mapping
 
 from certs import CAError
 
+from . import systemd_notify
 from .config import Config, ConfigErrors, load
 from .observe import Metrics
 
@@ -330,6 +331,7 @@ class Supervisor:
             if not self._announced and all(s.ready for s in self.slots):
                 self._announced = True
                 log.info("all %d workers ready", len(self.slots))
+                systemd_notify.ready()            # Type=notify: the supervisor speaks for all
         if not data:                                # the worker closed it, or ended
             self._close_pipe(slot)
 
