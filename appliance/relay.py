@@ -135,15 +135,28 @@ class _Failures(list):
         return type(exc).__name__
 
 
+PIPE_IDLE_RELEASE = 1.0    # seconds a direction may stay quiet before its kernel pipe is closed
+
+
 def _splice_direction(src: socket.socket, dst: socket.socket, activity: _Activity, flow: _Flow) -> None:
-    pipe_r, pipe_w = os.pipe()
+    """socket → pipe → socket with splice(2). The pipe (two descriptors) exists only while the
+    direction carries data: an idle tunnel holds just its two sockets, so descriptors, not
+    memory, stop being what limits how many idle tunnels one process keeps."""
+    pipe: tuple[int, int] | None = None
+    src_fd, dst_fd = src.fileno(), dst.fileno()
     try:
-        src_fd, dst_fd = src.fileno(), dst.fileno()
         while True:
-            try:
-                n = os.splice(src_fd, pipe_w, BUFFER_SIZE, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
+            if pipe is None:
                 _wait(wait_read, src_fd, activity)
+                pipe = os.pipe()
+            try:
+                n = os.splice(src_fd, pipe[1], BUFFER_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                try:
+                    wait_read(src_fd, timeout=PIPE_IDLE_RELEASE)
+                except socket.timeout:
+                    _close_pipe(pipe)          # empty: every spliced byte was passed on
+                    pipe = None
                 continue
             if n == 0:
                 return
@@ -151,13 +164,18 @@ def _splice_direction(src: socket.socket, dst: socket.socket, activity: _Activit
             left = n
             while left:
                 try:
-                    left -= os.splice(pipe_r, dst_fd, left, flags=_SPLICE_FLAGS)
+                    left -= os.splice(pipe[0], dst_fd, left, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     _wait(wait_write, dst_fd, activity)
             flow.moved += n
     finally:
-        os.close(pipe_r)
-        os.close(pipe_w)
+        if pipe is not None:
+            _close_pipe(pipe)
+
+
+def _close_pipe(pipe: tuple[int, int]) -> None:
+    os.close(pipe[0])
+    os.close(pipe[1])
 
 
 def _copy_direction(src: socket.socket, dst: socket.socket, activity: _Activity, flow: _Flow) -> None:

@@ -115,3 +115,27 @@ def test_splice_is_chosen_for_plain_sockets_only():
     assert relay.can_splice(a, b) == relay.SPLICE_AVAILABLE
     for sock in (c, a, b, s):
         sock.close()
+
+
+@pytest.mark.skipif(not relay.SPLICE_AVAILABLE, reason="os.splice exists only on Linux")
+def test_an_idle_spliced_tunnel_holds_no_pipes(monkeypatch):
+    """The kernel pipes exist only while bytes flow: an idle tunnel costs its two sockets."""
+    monkeypatch.setattr(relay, "PIPE_IDLE_RELEASE", 0.1)
+    c, a, b, s = _pair()
+    baseline = len(os.listdir("/proc/self/fd"))
+    tunnel = gevent.spawn(relay.pipe, a, b, 30, use_splice=True)
+    gevent.sleep(0.05)
+    assert len(os.listdir("/proc/self/fd")) == baseline          # none before any data
+    c.sendall(b"x" * 100000)
+    got = b""
+    while len(got) < 100000:
+        got += s.recv(65536)
+    gevent.sleep(0.3)                                              # quiet for > PIPE_IDLE_RELEASE
+    assert len(os.listdir("/proc/self/fd")) == baseline
+    s.sendall(b"back")                                             # and data flows again
+    assert c.recv(4) == b"back"
+    for sock in (c, s):
+        sock.close()
+    tunnel.join(5)
+    for sock in (a, b):
+        sock.close()
