@@ -37,18 +37,29 @@ class Table:
 PLAIN = Table(
     title="explicit HTTP/1.1 proxy (plain TCP)",
     columns=(Column("direct", "direct"), Column("appliance", "appliance"),
-             Column("squid", "squid"), Column("tinyproxy", "tinyproxy")),
+             Column("app auto", "appliance-auto"),
+             Column("squid", "squid"), Column("tinyproxy", "tinyproxy"),
+             Column("mitmproxy", "mitmproxy"), Column("proxy.py", "proxy.py")),
     metrics=(
         Metric("small objects, req/s", "small", "requests_per_s", "{:.0f}"),
         Metric("  latency p50, ms", "small", "latency_p50_ms", "{:.2f}"),
         Metric("  latency p99, ms", "small", "latency_p99_ms", "{:.2f}"),
         Metric("  proxy CPU-us/request", "small", "cpu_us_per_request", "{:.1f}"),
-        Metric("CONNECT download, MB/s", "download", "mb_per_s", "{:.0f}"),
+        Metric("  proxy CPU-s per 1000 req", "small", "cpu_us_per_request", "{:.3f}",
+               scale=1e-3),
+        Metric("CONNECT download x1, MB/s", "download", "mb_per_s", "{:.0f}"),
         Metric("  proxy CPU-s per GB", "download", "cpu_s_per_gb", "{:.3f}"),
-        Metric("CONNECT upload, MB/s", "upload", "mb_per_s", "{:.0f}"),
+        Metric("CONNECT download x4, MB/s", "download_n", "mb_per_s", "{:.0f}"),
+        Metric("  proxy CPU-s per GB", "download_n", "cpu_s_per_gb", "{:.3f}"),
+        Metric("CONNECT upload x1, MB/s", "upload", "mb_per_s", "{:.0f}"),
         Metric("  proxy CPU-s per GB", "upload", "cpu_s_per_gb", "{:.3f}"),
     ),
-    ratios=(("app/squid", "appliance", "squid"), ("app/tiny", "appliance", "tinyproxy")),
+    ratios=(("app/squid", "appliance", "squid"), ("app/tiny", "appliance", "tinyproxy"),
+            ("app/mitm", "appliance", "mitmproxy"), ("app/pp", "appliance", "proxy.py"),
+            ("auto/1", "app auto", "appliance")),
+    notes=("appliance = workers 1; app auto = workers \"auto\" (one per core, SO_REUSEPORT). "
+           "mitmproxy = mitmdump, CONNECT passed through (ignore_hosts .*); proxy.py with its "
+           "defaults (threadless, one worker per core). x4 = 4 tunnels at once sharing the bytes.",),
 )
 
 
@@ -161,3 +172,58 @@ def print_footer(results: dict, skipped: dict) -> None:
     for name, why in skipped.items():
         lines = why.strip().splitlines() or [""]
         print(f"skipped {name}: {lines[0]}" + (f" ... {lines[-1]}" if len(lines) > 1 else ""))
+
+
+IDLE_PROXIES = ("appliance", "appliance-auto", "squid", "tinyproxy", "mitmproxy", "proxy.py")
+IDLE_HEADERS = {"appliance-auto": "app auto"}
+IDLE_SHORT = {"squid": "squid", "tinyproxy": "tiny", "mitmproxy": "mitm", "proxy.py": "pp"}
+
+
+def print_idle(results: dict, counts: list[int], targets: list[str], nofile: int = 0) -> dict:
+    """The idle-tunnel table: KiB of process-tree RSS (and Pss) per idle CONNECT tunnel,
+    how many tunnels each proxy held; ratios appliance / each peer. Returns the ratios."""
+    names = [n for n in IDLE_PROXIES if n in targets and "idle" in results.get(n, {})]
+    width, label_width = 11, 30
+    peers = [n for n in names if not n.startswith("appliance")]
+    heads = [IDLE_HEADERS.get(n, n) for n in names] + [f"app/{IDLE_SHORT[n]}" for n in peers]
+    print()
+    print("idle CONNECT tunnels: proxy process-tree memory per tunnel (KiB)")
+    print(f"{'metric':<{label_width}}" + "".join(f"{h:>{width}}" for h in heads))
+    print("-" * (label_width + width * len(heads)))
+    ratios: dict = {}
+
+    def entry(name: str, count: int) -> dict:
+        return results.get(name, {}).get("idle", {}).get(str(count), {})
+
+    for count in counts:
+        for label, key in ((f"RSS KiB/tunnel @{count}", "rss_kib_per_tunnel"),
+                           (f"  Pss KiB/tunnel @{count}", "pss_kib_per_tunnel"),
+                           (f"  fds/tunnel @{count}", "fds_per_tunnel")):
+            row = f"{label:<{label_width}}"
+            for n in names:
+                e = entry(n, count)
+                v = e.get(key)
+                row += f"{('-' if v is None else f'{v:.1f}' + ('' if e.get('ok') else '*')):>{width}}"
+            for n in peers:
+                a, b = entry("appliance", count).get(key), entry(n, count).get(key)
+                r = round(a / b, 3) if a is not None and b else None
+                ratios.setdefault(f"appliance/{n}", {})[f"{count}.{key}"] = r
+                row += f"{(f'{r:.2f}x' if r is not None else '-'):>{width}}"
+            print(row)
+        row = f"{f'  tunnels held of {count}':<{label_width}}"
+        for n in names:
+            e = entry(n, count)
+            row += f"{e.get('alive_after_settle', e.get('opened', 0)):>{width}}"
+        print(row)
+    print("RSS: VmRSS summed over the proxy's process tree (/proc/PID/status), after minus "
+          "before, divided by the tunnels opened; Pss splits shared pages between processes "
+          "(fairer for forking proxies). Each count on a freshly started proxy.")
+    failed = [(n, c, entry(n, c).get("error", "")) for n in names for c in counts
+              if not entry(n, c).get("ok")]
+    for n, c, why in failed:
+        print(f"* {n} @{c}: {why}")
+    if nofile and nofile < 2 * max(counts) + 64:
+        print(f"RLIMIT_NOFILE here is {nofile} and could not be raised (no CAP_SYS_RESOURCE): a "
+              f"one-process proxy needs 2 descriptors per tunnel, so it cannot hold more than "
+              f"about {(nofile - 64) // 2} tunnels on this machine, whatever its own limits.")
+    return ratios
