@@ -168,7 +168,11 @@ def connect(resolver: Resolver, host: str, port: int, timeout: float,
         if left <= 0:
             break
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:         # EMFILE: out of descriptors, a local failure, said so
+            raise UpstreamError("connect", target, f"cannot open a socket: {exc.strerror or exc}",
+                                exc.errno) from None
         sock.settimeout(left)
         try:
             sock.connect((address, port))
