@@ -44,6 +44,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
+from report import run_main, save_results  # noqa: E402
 from children import (HOST, Child, OtherLoad, StartFailed, cpu_model, first_line,  # noqa: E402
                       pick_port, tool, tree_cpu_seconds, wait_until)
 from load import Params, http_get, listening  # noqa: E402
@@ -591,17 +592,9 @@ def main(argv: list[str]) -> int:
                "versions": versions, "args": {k: (str(v) if isinstance(v, Path) else v)
                                               for k, v in vars(a).items()},
                "targets": TARGETS, "other_cpu_cores_max": busy, "results": res, "profiles": profiles, "table": text}
-    out = a.json or BENCH_DIR / "results" / time.strftime("h2-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\nresults: {out}  (total {summary['elapsed_s']} s)")
+    save_results(summary, a.json, "h2")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt as exc:
-        print(f"h2 bench: interrupted ({exc or 'Ctrl-C'}); every started process was stopped",
-              file=sys.stderr)
-        sys.exit(130)
+    run_main(main, "h2 bench")

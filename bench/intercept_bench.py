@@ -55,6 +55,7 @@ if str(REPO) not in sys.path:
 
 import certs  # noqa: E402
 from certs.leaf import issue_files  # noqa: E402
+from report import run_main, save_results  # noqa: E402
 from children import cpu_model, first_line  # noqa: E402  (bench/ is this script's folder)
 
 MiB = 1024 * 1024
@@ -442,17 +443,9 @@ def main(argv: list[str]) -> int:
     print(f"\n{summary['started']}: {m['nproc']} × {m['cpu_model']}, Linux {m['kernel']}, "
           f"Python {m['python']}, {m['openssl_python']}, cryptography {m['cryptography']}\n")
     print("\n\n".join(tables))
-    out = args.json or BENCH_DIR / "results" / time.strftime("intercept-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\nresults: {out}  (total {summary['elapsed_s']} s)")
+    save_results(summary, args.json, "intercept")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt as exc:
-        print(f"intercept bench: interrupted ({exc or 'Ctrl-C'}); everything started was stopped",
-              file=sys.stderr)
-        sys.exit(130)
+    run_main(main, "intercept bench")

@@ -21,7 +21,6 @@ its PID (or the process group it leads, which this script created) in a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -367,17 +366,9 @@ def main(argv: list[str]) -> int:
         "skipped": skipped,
         "ratios": ratios,
     }
-    out = args.json or BENCH_DIR / "results" / time.strftime("%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"results: {out}  (total {summary['elapsed_s']} s)")
+    report.save_results(summary, args.json)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt as exc:
-        print(f"bench: interrupted ({exc or 'Ctrl-C'}); every started process was stopped",
-              file=sys.stderr)
-        sys.exit(130)
+    report.run_main(main, "bench")

@@ -5,7 +5,33 @@ A table is columns (each a target's results, under a key), metric rows, and rati
 """
 from __future__ import annotations
 
+import json
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def save_results(summary: dict, path: Path | None, prefix: str = "") -> Path:
+    """Write a run's JSON (to `path`, or results/<prefix>-<time>.json) and say where it went."""
+    name = time.strftime("%Y%m%d-%H%M%S.json")
+    out = path or RESULTS_DIR / (f"{prefix}-{name}" if prefix else name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nresults: {out}  (total {summary['elapsed_s']} s)")
+    return out
+
+
+def run_main(main, name: str) -> None:
+    """`sys.exit(main(argv))`; Ctrl-C ends with 130 after main's cleanup has stopped its children."""
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt as exc:
+        print(f"{name}: interrupted ({exc or 'Ctrl-C'}); every started process was stopped",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ REPO = BENCH_DIR.parent
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
+from report import run_main, save_results  # noqa: E402
 from children import (HOST, MiB, Child, OtherLoad, StartFailed, cpu_model, first_line,  # noqa: E402
                       pick_port, tool, tree_cpu_seconds, wait_until)
 
@@ -568,17 +569,9 @@ def main(argv: list[str]) -> int:
     print(tables(summary))
     for name, why in summary["skipped"].items():
         print(f"\n{name} skipped: {why}")
-    out = args.json or BENCH_DIR / "results" / time.strftime("socks5-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\nresults: {out}  (total {summary['elapsed_s']} s)")
+    save_results(summary, args.json, "socks5")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt as exc:
-        print(f"socks5 bench: interrupted ({exc or 'Ctrl-C'}); everything started was stopped",
-              file=sys.stderr)
-        sys.exit(130)
+    run_main(main, "socks5 bench")
