@@ -96,6 +96,14 @@ class Resolver:
             self._cache.popitem(last=False)
         return addresses
 
+    def resolves_to(self, host: str, address: str) -> bool:
+        """Whether `host` stands for `address` (an intercepted client's claim, checked against
+        the address it actually dialled); a name that does not resolve stands for nothing."""
+        try:
+            return address in self.resolve(host)
+        except UpstreamError:
+            return False
+
     def _system(self, host: str) -> list[str]:
         try:
             with gevent.Timeout(self.timeout, UpstreamError("dns", host, "resolver timed out")):

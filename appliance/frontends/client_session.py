@@ -14,7 +14,6 @@ from gevent import socket
 
 from ..admission import Identity, admit
 from ..context import ProxyContext
-from ..errors import UpstreamError
 from ..observe import AccessRecord
 from ..policy import Decision
 from ..protocols.forwarding import Target
@@ -55,17 +54,12 @@ class ClientSession:
                     f"this connection is for {route.host}:{route.port}, not {target.hostport}", 421)
             return target, target.host, (route.address,) if route.address else ()
         target = Target(target.scheme, target.host, route.port, target.path)
-        if target.host == route.address or self._resolves_to(target.host, route.address):
+        if target.host == route.address or self.ctx.resolver.resolves_to(target.host, route.address):
             return target, target.host, (route.address,)
         log.info("client %s: Host %s does not resolve to the intercepted address %s; policy "
                  "sees the address", self.client_ip, target.host, route.address)
         return target, route.address, (route.address,)
 
-    def _resolves_to(self, host: str, address: str) -> bool:
-        try:
-            return address in self.ctx.resolver.resolve(host)
-        except UpstreamError:
-            return False
 
     def admit_request(self, record: AccessRecord, headers: Headers, target: Target, kind: str,
                       method: str) -> tuple[Target, Decision]:

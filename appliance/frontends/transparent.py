@@ -116,7 +116,7 @@ class TransparentTlsSession:
         sni = hello.sni if hello is not None else None
         if sni is not None and is_ip_literal(sni):
             sni = None
-        believed = sni if sni is not None and self._resolves_to(sni, host) else None
+        believed = sni if sni is not None and self.ctx.resolver.resolves_to(sni, host) else None
         if sni is not None:
             record.target = _hostport(sni, port)
             if believed is None:
@@ -137,11 +137,6 @@ class TransparentTlsSession:
                 record.error = "denied: no server name ([intercept] no_sni)"
         return action, sni or host
 
-    def _resolves_to(self, name: str, address: str) -> bool:
-        try:
-            return address in self.ctx.resolver.resolve(name)
-        except UpstreamError:
-            return False
 
     def _passthrough(self, host: str, port: int, record: AccessRecord) -> None:
         """The client's bytes, ClientHello first, go to the original destination untouched."""

@@ -20,7 +20,7 @@ Clients (www.example.test is mapped to 127.0.0.1 by each client, never looked up
   openssl        openssl s_client -connect 127.0.0.1:PORT -servername www.example.test
                  -alpn h2,http/1.1
   openssl-tls12  the same with -no_tls1_3: no supported_versions extension
-  chromium       headless Chromium with every flag of /work/shared/testing/chromium-flags.txt
+  chromium       headless Chromium with every flag of tests/e2e/chromium/flags.txt
                  (GREASE, ECH GREASE, an X25519MLKEM768 key share: a hello over 1500 bytes)
   python         this interpreter's ssl over a real socket, ALPN http/1.1 as urllib3 sends it
   node           tls.connect with servername and ALPNProtocols h2,http/1.1
@@ -55,7 +55,7 @@ from appliance.protocols.tls_clienthello import (  # noqa: E402
 )
 
 HOST = "www.example.test"
-CHROMIUM_FLAGS = Path("/work/shared/testing/chromium-flags.txt")
+CHROMIUM_FLAGS = HERE.parents[1] / "e2e" / "chromium" / "flags.txt"   # the project's copy
 ACCEPT_TIMEOUT = 30.0       # Chromium takes a few seconds to start
 READ_TIMEOUT = 10.0
 READ_LIMIT = 65536
