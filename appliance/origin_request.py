@@ -87,7 +87,7 @@ class OriginRequest:
         for attempt in (1, 2):
             self.conn = conn = self._open()
             self.reader = SocketReader(conn.sock, "origin", self.timeout, self.target.hostport)
-            self.upstream_address = conn.sock.getpeername()[0]
+            self.upstream_address = conn.peer_address
             try:
                 self.reader.sendall(self.head)
                 if upload is not None and self.framing is not NO_BODY:

@@ -100,10 +100,15 @@ class SocketReader:
 
 
 def send(sock: socket.socket, data: bytes, side: str, timeout: float, name: str = "") -> None:
-    """sendall with a deadline, failing as the error of `side`."""
+    """sendall with a deadline, failing as the error of `side`.
+
+    One `send` first: a head or a small body nearly always fits the socket buffer whole, and
+    gevent's `sendall` costs a `getsockopt` and a timer on every call besides the write."""
     sock.settimeout(timeout)
     try:
-        sock.sendall(data)
+        sent = sock.send(data)
+        if sent < len(data):
+            sock.sendall(memoryview(data)[sent:])
     except socket.timeout:
         err = f"peer did not read for {timeout:g}s"
         raise (ClientError(err) if side == "client" else UpstreamError("timeout", name, err)) from None

@@ -15,6 +15,7 @@ from gevent import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import gevent
@@ -235,6 +236,11 @@ class OriginConnection:
     buffered: bytes = b""
     reused: bool = False
     idle_since: float = field(default_factory=time.monotonic)
+
+    @cached_property
+    def peer_address(self) -> str:
+        """The address dialled, asked of the socket once for all the requests it carries."""
+        return self.sock.getpeername()[0]
 
     def close(self) -> None:
         try:

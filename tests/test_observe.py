@@ -6,6 +6,7 @@ import json
 import re
 import time
 
+import gevent
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -124,12 +125,40 @@ def test_access_log_appends_to_an_existing_file(tmp_path):
     assert json.loads(lines[1])["status"] == 204
 
 
-def test_access_log_lines_are_visible_before_close(tmp_path):
+def test_access_log_lines_are_visible_once_the_loop_turns(tmp_path):
     path = tmp_path / "access.log"
     log = AccessLog(str(path))
     log.write(record(status=200))
-    assert len(path.read_text(encoding="utf-8").splitlines()) == 1     # line-buffered
+    gevent.sleep(0)                         # the next turn of the loop writes the line
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 1
     log.close()
+
+
+def test_access_log_writes_a_busy_turn_in_one_write(tmp_path):
+    """Records finished in one turn of the loop go out in one write(2), whole lines only."""
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+    writes = []
+    real_write = log._file.write
+    log._file = type("Spy", (), {"write": lambda self, data: writes.append(bytes(data)) or real_write(data),
+                                 "close": lambda self: None})()
+    for i in range(50):
+        log.write(record(status=200, bytes_up=i))
+    gevent.sleep(0)
+    assert len(writes) == 1 and writes[0].count(b"\n") == 50
+    assert [json.loads(line)["bytes_up"] for line in path.read_text().splitlines()] == list(range(50))
+
+
+def test_access_log_counts_lines_lost_on_a_full_disk(tmp_path):
+    """/dev/full answers ENOSPC, as a full disk does: the lines are counted lost, not kept."""
+    lost = []
+    log = AccessLog("/dev/full", lost=lost.append)
+    for _ in range(3):
+        log.write(record(status=200))
+    gevent.sleep(0)
+    log.write(record(status=201))
+    log.close()
+    assert lost == [3, 1]
 
 
 def test_access_log_squid_format(tmp_path):
