@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from h2.connection import ConnectionState, H2Connection, _decode_headers
+from h2.connection import ConnectionInputs, ConnectionState, H2Connection, _decode_headers
 from h2.errors import ErrorCodes
+from h2.stream import StreamInputs
 from hyperframe.frame import RstStreamFrame
 
 
@@ -34,6 +35,16 @@ class GoawayTolerantH2Connection(H2Connection):
         super().close_connection(error_code, additional_data, last_stream_id)
         if error_code == 0 and state != ConnectionState.CLOSED:
             self.state_machine.state = state
+
+    def count_sent_data(self, stream_id: int, size: int) -> None:
+        """What `send_data` checks and counts for one DATA frame, without building it (the
+        HTTP/2 frontend packs DATA frames itself; same attributes in h2 4.1 to 4.4): both state
+        machines take SEND_DATA (raising on a closed stream or connection), both windows shrink."""
+        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        stream = self.streams[stream_id]
+        stream.state_machine.process_input(StreamInputs.SEND_DATA)
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
 
     refused_streams = 0              # new streams refused over MAX_CONCURRENT_STREAMS, for metrics
 

@@ -8,7 +8,9 @@ reads frames into h2 and dispatches events; each request stream runs in its own 
     origin, then the WebSocket frames relayed unchanged.
 (those three live in `h2_exchange.py`; this module is the connection and its streams.)
 Flow control is backpressure: DATA is acknowledged only once written on, and a stream sends
-only within the peer's window. Only the writer greenlet writes to the socket.
+only within the peer's window. Only the writer greenlet writes to the socket: it frames the DATA
+every stream has handed it in round-robin turns of one frame (`OutboundData`), so that streams
+share the connection fairly, and writes what h2 queued and those frames in one TLS write.
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ from ..protocols import h2_mapping as h2map
 from ..upstream import OriginRoute
 from .client_session import ClientSession
 from .h2_exchange import H2Exchange
+from .h2_outbound import OutboundData
 
 log = logging.getLogger("appliance.h2")
 
 INITIAL_WINDOW = 256 * 1024          # per stream; what one stream may have in flight toward us
 CONNECTION_WINDOW = 4 * 1024 * 1024  # shared by all streams of a connection
-WRITE_HIGH_WATER = 1024 * 1024       # outbound bytes queued before senders wait for the writer
+WRITE_BATCH = 256 * 1024             # DATA bytes framed for one TLS write, over all streams
 # Abuse limits per connection and per 10 s window (rapid reset CVE-2023-44487, floods).
 FLOOD_WINDOW = 10.0
 MAX_RESETS = 200
@@ -83,7 +86,7 @@ class H2Stream(relay.StreamSide):
         self.ended_with_headers = ended          # HEADERS carried END_STREAM: no body follows
         if ended:
             self.inbox.put(b"")
-        self.window_open = Event()
+        self.data_framed = Event()               # the writer has framed all the data handed to it
         self.gone = False
         self.reset_code: int | None = None
         self.trailers: tuple = ()
@@ -108,24 +111,24 @@ class H2Stream(relay.StreamSide):
         self.session.send(lambda c: c.send_headers(self.id, encoded, end_stream=end_stream), self)
         self.headers_sent = self.headers_sent or final
 
-    def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            self.session.wait_writable()
-            if self.gone:
-                raise relay.StreamGone()
-            size = min(self.session.window(self.id), len(view))
-            if size <= 0:
-                self.window_open.clear()
-                self.window_open.wait()
-                continue
-            # As many frames as the window allows in one go: one wake-up of the writer per
-            # window, not per 16 KiB frame.
-            frame = self.session.conn.max_outbound_frame_size
-            # memoryview slices: h2 copies each into its output buffer, so no copy of our own
-            pieces = [view[i:min(i + frame, size)] for i in range(0, size, frame)]
-            self.session.send(lambda c: [c.send_data(self.id, p) for p in pieces], self)
-            view = view[size:]
+    def send(self, data) -> None:
+        """Hand `data` to the writer and wait until it has framed all of it (within the peer's
+        windows, in turns with the other streams); the caller may reuse its buffer then."""
+        if not data:
+            return
+        if self.gone:
+            raise relay.StreamGone()
+        if self.session.send_at_once(self, data):
+            return
+        self.data_framed.clear()
+        self.session.outbound.add(self.id, data)
+        self.session.wake_writer()
+        try:
+            self.data_framed.wait()
+        finally:
+            self.session.outbound.drop(self.id)     # left unframed: timeout, kill, or reset
+        if self.gone:
+            raise relay.StreamGone()
 
     def end(self, trailers=None) -> None:
         if trailers:
@@ -144,7 +147,7 @@ class H2Stream(relay.StreamSide):
         self.reset_code = code
         self.gone = True
         self.inbox.put(None)
-        self.window_open.set()
+        self.data_framed.set()
 
 
 class H2Session(ClientSession):
@@ -158,6 +161,8 @@ class H2Session(ClientSession):
             normalize_inbound_headers=False))
         self.streams: dict[int, H2Stream] = {}
         self.tasks: dict[int, gevent.Greenlet] = {}
+        self.outbound = OutboundData()
+        self._sent_at_once = 0                   # DATA bytes queued in h2 since the last write
         self._wake = Event()
         self._drained = Event()
         self._drained.set()
@@ -188,17 +193,38 @@ class H2Session(ClientSession):
             return
         self._wake.set()
 
+    def wake_writer(self) -> None:
+        self._wake.set()
+
+    def send_at_once(self, stream: H2Stream, data) -> bool:
+        """With no stream waiting for its turn, up to a frame of DATA goes to h2 at once (h2
+        copies it), and the sender need not wait for the writer: an echo or a small response
+        (HEADERS, body, END_STREAM) leaves in one write. Bounded by a batch between writes."""
+        size = len(data)
+        if (self.outbound or size > self.conn.max_outbound_frame_size
+                or self._sent_at_once + size > WRITE_BATCH):
+            return False
+        try:
+            if size > self.conn.local_flow_control_window(stream.id):
+                return False
+        except (h2.exceptions.StreamClosedError, KeyError):     # KeyError: h2 4.1
+            raise relay.StreamGone() from None
+        self.send(lambda c: c.send_data(stream.id, data), stream)
+        self._sent_at_once += size
+        return True
+
     def _writer(self) -> None:
+        more = False
         while True:
-            self._wake.wait()
+            if not more:
+                self._wake.wait()
             self._wake.clear()
-            data = self.conn.data_to_send()
+            data, more = self._next_write()
             if not data:
                 if self.closing and not self.streams:
                     return
                 continue
-            if len(data) > WRITE_HIGH_WATER:
-                self._drained.clear()
+            self._drained.clear()
             try:
                 self.sock.sendall(data)
             except OSError as exc:            # the client is gone; the reader sees it too
@@ -209,16 +235,25 @@ class H2Session(ClientSession):
                 return
             finally:
                 self._drained.set()
+            if more:
+                gevent.sleep(0)               # the reader and the streams run between batches
 
-    def wait_writable(self) -> None:
-        self._drained.wait()
-
-    def window(self, stream_id: int) -> int:
-        """What the peer lets this stream send now (its window and the connection's)."""
-        try:
-            return self.conn.local_flow_control_window(stream_id)
-        except (h2.exceptions.StreamClosedError, KeyError):
-            raise relay.StreamGone() from None
+    def _next_write(self) -> tuple[bytes, bool]:
+        """What h2 queued (HEADERS, WINDOW_UPDATE, ...), then the next turns of DATA, as one
+        write; and whether DATA is left that the windows would let go now."""
+        queued = self.conn.data_to_send()
+        self._sent_at_once = 0
+        framed = self.outbound.frame(self.conn, WRITE_BATCH)
+        for stream_id in framed.refused:
+            if stream_id in self.streams:
+                self.streams[stream_id].gone = True
+        for stream_id in framed.emptied + framed.refused:
+            if stream_id in self.streams:
+                self.streams[stream_id].data_framed.set()
+        if not framed.pieces:
+            return queued, False
+        # One copy of the payload, out of the senders' buffers: they reuse them once woken.
+        return b"".join([queued, *framed.pieces]), framed.more
 
     def ack(self, stream_id: int, n: int) -> None:
         if n:
@@ -346,13 +381,9 @@ class H2Session(ClientSession):
                 stream.closed_by_peer(event.error_code)
             if self._floods["reset"].hit():
                 return self._flood("RST_STREAM")
-        elif isinstance(event, E.WindowUpdated):
-            targets = self.streams.values() if not event.stream_id else [stream] if stream else []
-            for s in targets:
-                s.window_open.set()
         elif isinstance(event, E.RemoteSettingsChanged):
-            for s in self.streams.values():
-                s.window_open.set()
+            # New windows or frame size (like a WINDOW_UPDATE) take effect when the writer frames
+            # DATA next: the read loop wakes it after every read.
             if self._floods["settings"].hit():
                 return self._flood("SETTINGS")
         elif isinstance(event, E.PingReceived):
