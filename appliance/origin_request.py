@@ -4,7 +4,9 @@ The HTTP/1.1 and HTTP/2 frontends both forward through this: it takes a connecti
 origin pool (or a fresh one for an Upgrade), writes the request head, runs the frontend's body
 upload in a greenlet beside the response reader (so `Expect: 100-continue` and early answers
 work), reads the final response head, and afterwards returns the connection to the pool only if
-both messages ended cleanly at a boundary.
+both messages ended cleanly at a boundary: never after an answer that came before the whole
+request body was sent (the origin may never read the rest), nor after a response framed both by
+Transfer-Encoding and Content-Length (RFC 9112 §6.3: a sign of smuggling or splitting).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from .context import ProxyContext
 from .errors import ClientError, UpstreamError
 from .protocols.forwarding import Target
 from .protocols.http1 import (
-    NO_BODY, BodyDecoder, Framing, RemoteProtocolError, ResponseHead, body_decoder,
-    parse_response_head, response_framing, wants_keep_alive,
+    CHUNKED, NO_BODY, BodyDecoder, Framing, RemoteProtocolError, ResponseHead, body_decoder,
+    header_value, parse_response_head, response_framing, wants_keep_alive,
 )
 from .reader import SocketReader
 from .relay import StreamGone, shutdown_socket
@@ -49,6 +51,7 @@ class OriginRequest:
         self.reader: SocketReader | None = None
         self.upstream_address: str | None = None
         self._upload: gevent.Greenlet | None = None
+        self.answered_early = False        # the final head came before the body was all sent
 
     # --- request ----------------------------------------------------------------------------
 
@@ -92,7 +95,9 @@ class OriginRequest:
                 self.reader.sendall(self.head)
                 if upload is not None and self.framing is not NO_BODY:
                     self._upload = gevent.spawn(self._run_upload, upload, conn)
-                return self._final_head(informational)
+                response = self._final_head(informational)
+                self.answered_early = self._upload is not None and not self._upload.dead
+                return response
             except UpstreamError as exc:
                 conn.close()
                 # A pooled connection the origin closed meanwhile: retry once, when no body
@@ -146,8 +151,7 @@ class OriginRequest:
         """
         upload_ok = True
         if self._upload is not None:
-            early = not self._upload.dead and response.status >= 400
-            self._upload.join(timeout=0 if early else None)
+            self._upload.join(timeout=0 if self.abandons_upload(response) else None)
             if not self._upload.dead:
                 self._upload.kill()
                 upload_ok = False
@@ -156,13 +160,19 @@ class OriginRequest:
                 raise self._upload.value
         conn = self.conn
         conn.buffered = self.reader.buffered       # bytes past the response: the pool refuses it
-        if reusable and upload_ok and not self.fresh and \
-                response_framing(self.method, response).kind != "close" and \
-                wants_keep_alive(response.version, response.headers):
+        framing = response_framing(self.method, response)
+        if reusable and upload_ok and not self.fresh and not self.answered_early and \
+                framing.kind != "close" and wants_keep_alive(response.version, response.headers) and \
+                not (framing is CHUNKED and header_value(response.headers, "content-length") is not None):
             self.ctx.pool.put(conn)
         else:
             conn.close()
         return upload_ok
+
+    def abandons_upload(self, response: ResponseHead) -> bool:
+        """An error answer before the body was all sent: the rest of the body is not sent, and
+        neither connection is at a message boundary afterwards."""
+        return self.answered_early and response.status >= 400 and not self._upload.dead
 
     def close(self) -> None:
         if self._upload is not None and not self._upload.dead:

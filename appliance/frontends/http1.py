@@ -28,9 +28,9 @@ from ..protocols import forwarding as fwd
 from ..protocols import websocket_bridge
 from ..protocols.h2_mapping import h2_via
 from ..protocols.http1 import (
-    ChunkedDecoder, CloseDecoder, Headers, LocalProtocolError, RemoteProtocolError, RequestHead,
-    ResponseHead, body_decoder, chunk_header, header_value, header_values, last_chunk, parse_request_head,
-    request_framing, request_line, serialize_head, status_line, wants_keep_alive,
+    Headers, LocalProtocolError, RemoteProtocolError, RequestHead, ResponseHead, body_decoder,
+    chunk_header, header_value, header_values, last_chunk, parse_request_head, request_framing,
+    request_line, response_framing, serialize_head, status_line, wants_keep_alive,
 )
 from ..reader import SocketReader, send
 from ..upstream import OriginRoute, connect
@@ -80,7 +80,7 @@ class BodyPump:
                 pending = b""
         self.src.unread(decoder.leftover)
         if self.chunked_out:
-            pending += last_chunk(decoder.trailers)
+            pending += last_chunk(fwd.forwardable_trailers(decoder.trailers))
         if pending:
             self._send(pending)
         return decoder.trailers
@@ -248,6 +248,8 @@ class Http1Session(ClientSession):
                                              upgrade=websocket)
         if framing.kind == "chunked":
             headers += (("Transfer-Encoding", "chunked"),)
+        else:                                # one Content-Length, whatever spelling framed it
+            headers = fwd.with_content_length(headers, framing.length)
         if framing.kind == "chunked" and self.client.buffered:
             body_decoder(framing).feed(self.client.buffered)   # refuse a bad first chunk before connecting
         upstream_head = serialize_head(request_line(head.method, target.path), headers)
@@ -351,16 +353,26 @@ class OriginExchange:
 
     def _respond(self, response: ResponseHead) -> bool:
         record = self.record
-        decoder = self.request.response_decoder(response)
-        keep_client = wants_keep_alive(self.head.version, self.head.headers)
-        headers = fwd.strip_hop_by_hop(response.headers)
+        try:
+            framing = response_framing(self.head.method, response)
+        except RemoteProtocolError:
+            self.request.close()
+            raise
+        decoder = body_decoder(framing)
+        keep_client = wants_keep_alive(self.head.version, self.head.headers) and \
+            not self.request.abandons_upload(response)
         chunked_out = False
-        if isinstance(decoder, (ChunkedDecoder, CloseDecoder)):
+        if framing.kind in ("chunked", "close"):
+            headers = fwd.response_fields(response.headers, None)
             if self.head.version >= (1, 1):
                 chunked_out = True
                 headers += (("Transfer-Encoding", "chunked"),)
             else:
                 keep_client = False
+        elif framing.kind == "length":
+            headers = fwd.response_fields(response.headers, framing.length)
+        else:                                # no body: a Content-Length here is metadata (HEAD, 304)
+            headers = fwd.strip_hop_by_hop(response.headers)
         if not keep_client:
             headers += (("Connection", "close"),)
         elif self.head.version < (1, 1):
@@ -371,6 +383,11 @@ class OriginExchange:
                         chunked_out=chunked_out)
         try:
             pump.run(decoder, prefix=self._client_head(response, headers))
+        except RemoteProtocolError as exc:      # the origin's body broke its framing
+            self.request.close()
+            if pump.sent == 0:                  # nothing reached the client: it gets the 502
+                record.status = 0
+            raise RemoteProtocolError(f"origin response: {exc}", 502) from None
         except BaseException:
             self.request.close()
             raise

@@ -24,6 +24,17 @@ HOP_BY_HOP = frozenset({
 # hop unframed (request smuggling on a pooled origin connection), so they are never dropped.
 FRAMING_FIELDS = frozenset({"content-length"})
 
+# RFC 9110 §6.5.1: fields a recipient needs before the content (framing, routing, request
+# modifiers, authentication, response control, how to process the content) are not trailers.
+# Passed on, a next hop that merges trailers into the header section could be re-framed or
+# re-routed by them, so they are dropped from the trailer section this proxy forwards.
+NOT_TRAILERS = HOP_BY_HOP | frozenset({
+    "content-length", "host", "trailer", "content-encoding", "content-type", "content-range",
+    "authorization", "cookie", "set-cookie", "www-authenticate", "cache-control", "expect",
+    "max-forwards", "pragma", "range", "age", "expires", "date", "location", "retry-after", "vary",
+    "if-match", "if-none-match", "if-modified-since", "if-unmodified-since", "if-range",
+})
+
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?")
 
@@ -115,6 +126,32 @@ def strip_hop_by_hop(headers: Headers, keep: frozenset[str] = frozenset()) -> He
     """Drop hop-by-hop fields and every field the Connection header names (RFC 9110 §7.6.1)."""
     drop = (HOP_BY_HOP | (connection_tokens(headers) - FRAMING_FIELDS)) - keep
     return tuple((k, v) for k, v in headers if k.lower() not in drop)
+
+
+def with_content_length(headers: Headers, length: int | None) -> Headers:
+    """The fields with the framing this hop sends (RFC 9110 §8.6, RFC 9112 §6.3): every received
+    Content-Length (duplicates, lists, leading zeros) replaced by one decimal `length`, or by
+    none when `length` is None (a body sent on chunked or until close, whatever Content-Length
+    came beside its Transfer-Encoding). A bodiless message that had none gets none."""
+    out = tuple((k, v) for k, v in headers if k.lower() != "content-length")
+    if length is None or (not length and len(out) == len(headers)):
+        return out
+    return out + (("Content-Length", str(length)),)
+
+
+def response_fields(headers: Headers, content_length: int | None) -> Headers:
+    """A response's fields for the next hop, in one pass: hop-by-hop gone (as `strip_hop_by_hop`)
+    and Content-Length only as `with_content_length` puts it."""
+    drop = HOP_BY_HOP | connection_tokens(headers) | FRAMING_FIELDS
+    out = tuple((k, v) for k, v in headers if k.lower() not in drop)
+    if content_length is None:
+        return out
+    return out + (("Content-Length", str(content_length)),)
+
+
+def forwardable_trailers(trailers: Headers) -> Headers:
+    """The trailer fields passed on: none of `NOT_TRAILERS`."""
+    return tuple((k, v) for k, v in trailers if k.lower() not in NOT_TRAILERS)
 
 
 def via_value(version: tuple[int, int], pseudonym: str) -> str:

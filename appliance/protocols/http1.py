@@ -182,12 +182,16 @@ def status_line(status: int, reason: str, version: tuple[int, int] = (1, 1)) -> 
 # --- header field helpers -------------------------------------------------------------------
 
 def header_values(headers: Headers, name: str) -> list[str]:
-    """All values of a field, comma-separated lists split (RFC 9110 §5.3)."""
+    """All values of a field, comma-separated lists split (RFC 9110 §5.3).
+
+    Only SP and HTAB are whitespace here (OWS, RFC 9110 §5.6.3): `str.strip()` would also take
+    NBSP or NEL (obs-text bytes read as Latin-1) off `chunked\xa0`, reading a coding that no
+    strict parser after us would."""
     lname = name.lower()
     out = []
     for key, value in headers:
         if key.lower() == lname:
-            out.extend(v.strip() for v in value.split(",") if v.strip())
+            out.extend(v.strip(" \t") for v in value.split(",") if v.strip(" \t"))
     return out
 
 
@@ -220,7 +224,7 @@ def _content_length(headers: Headers) -> int | None:
         return None
     # Split by hand, not with header_values: that drops empty list elements, and an empty
     # or "5," Content-Length must be refused, not read as absent (RFC 9112 §6.3 item 5).
-    values = [v.strip() for value in raw for v in value.split(",")]
+    values = [v.strip(" \t") for value in raw for v in value.split(",")]
     if any(not _DIGITS.fullmatch(v) for v in values):
         raise RemoteProtocolError("invalid Content-Length")
     if len({int(v) for v in values}) != 1:
