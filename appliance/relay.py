@@ -2,13 +2,14 @@
 
 Each direction runs until its source ends, then half-closes its destination
 (`shutdown(SHUT_WR)`), so a peer that has finished sending can still receive (RFC 9112 §9.6
-leaves the tunnel open until both sides are done). Plain socket pairs move bytes with
-`os.splice` through a kernel pipe, so the payload never enters Python; sockets that are not
-plain (TLS, later) or platforms without splice use one reused buffer per direction, taken only
-once that direction carries data.
+leaves the tunnel open until both sides are done). Plain socket pairs adapt to what they carry:
+small reads are written straight on from one shared scratch buffer (one recv, one write), large
+ones switch the direction to `os.splice` through a kernel pipe, so bulk never enters Python.
+Sockets that are not plain (TLS) or platforms without splice use one reused buffer per
+direction, taken only once that direction carries data.
 
 A tunnel ends when both directions have ended, when either side fails (both are shut down at
-once), or when neither side has moved a byte for `idle_timeout` seconds.
+once), or when neither side has moved a byte for `idle_timeout` seconds (one timer per tunnel).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import gevent
 from gevent import socket
+from gevent.hub import Waiter
 from gevent.socket import wait_read, wait_write
 
 BUFFER_SIZE = 256 * 1024
@@ -112,11 +114,14 @@ class _Failures(list):
             self.stream_reset = True
             if exc.cancelled:
                 self.closed = True
-            elif not self.closed:
-                self.append(exc)
+            else:
+                self.record(exc)
         except (_Idle, OSError) as exc:
-            if not self.closed:
-                self.append(exc)
+            self.record(exc)
+
+    def record(self, exc: Exception) -> None:
+        if not self.closed:
+            self.append(exc)
 
     @property
     def over(self) -> bool:
@@ -135,65 +140,130 @@ class _Failures(list):
         return type(exc).__name__
 
 
-PIPE_IDLE_RELEASE = 1.0    # seconds a direction may stay quiet before its kernel pipe is closed
+# Plain socket pairs (the common tunnel) move each read by the cheapest means for its size. Small
+# reads (interactive traffic: WebSocket messages, request/response) are relayed by the read
+# watcher's callback in the hub itself, through one shared scratch buffer: one read and one
+# non-blocking write per message, no greenlet switch, no timer. A large read means bulk follows,
+# so the direction's greenlet takes over and splices through a kernel pipe, where the payload
+# never enters Python, until a read comes back small or would wait. The pipe lives only for that
+# burst, so an idle tunnel holds just its two sockets (descriptors, not memory, would otherwise
+# limit how many idle tunnels one process keeps).
+SCRATCH_SIZE = 64 * 1024          # the default pipe capacity: one splice moves at most this
+LARGE_READ = 16 * 1024            # a read this large is taken as bulk: splice what follows
+# Shared by every plain tunnel of the process: it holds bytes only from a read to the write that
+# follows, with no greenlet switch in between (what a write leaves over is copied out first).
+_scratch = bytearray(SCRATCH_SIZE)
+_scratch_view = memoryview(_scratch)
 
 
-def _splice_direction(src: socket.socket, dst: socket.socket, activity: _Activity, flow: _Flow) -> None:
-    """socket → pipe → socket with splice(2). The pipe (two descriptors) exists only while the
-    direction carries data: an idle tunnel holds just its two sockets, so descriptors, not
-    memory, stop being what limits how many idle tunnels one process keeps."""
-    pipe: tuple[int, int] | None = None
+class _SmallReads:
+    """Relays one direction's small reads from the hub, until a read that is not small: one
+    that ends the source, is large, or that the destination cannot take at once."""
+
+    def __init__(self, src_fd: int, dst_fd: int, activity: _Activity, flow: _Flow) -> None:
+        self._src_fd, self._dst_fd = src_fd, dst_fd
+        self._activity, self._flow = activity, flow
+        self._readable = gevent.get_hub().loop.io(src_fd, 1)
+        self._waiter = None
+
+    def until_not_small(self) -> tuple[int, int]:
+        """Blocks this greenlet while the hub relays small reads. Returns (n, sent) for the read
+        that was not small: its `n` bytes are in the scratch, `sent` of them written already."""
+        self._waiter = Waiter()
+        self._readable.start(self._on_readable)
+        try:
+            return self._waiter.get()
+        finally:
+            self._readable.stop()
+
+    def close(self) -> None:
+        self._readable.close()
+
+    def _on_readable(self) -> None:        # runs in the hub: must not block
+        try:
+            n = os.readv(self._src_fd, [_scratch])
+            sent = self._write(n)
+        except BlockingIOError:             # readiness was spurious: wait on
+            return
+        except OSError as exc:
+            self._readable.stop()
+            self._waiter.throw(exc)
+            return
+        if n and sent == n and n < LARGE_READ:
+            self._activity.touch()
+            self._flow.moved += n
+            return
+        self._readable.stop()
+        self._waiter.switch((n, sent))
+
+    def _write(self, n: int) -> int:
+        if not n:
+            return 0
+        try:
+            return os.write(self._dst_fd, _scratch_view[:n])
+        except BlockingIOError:
+            return 0
+
+
+def _plain_direction(src: socket.socket, dst: socket.socket, activity: _Activity, flow: _Flow) -> None:
     src_fd, dst_fd = src.fileno(), dst.fileno()
+    small_reads = _SmallReads(src_fd, dst_fd, activity, flow)
     try:
         while True:
-            if pipe is None:
-                _wait(wait_read, src_fd, activity)
-                pipe = os.pipe()
-            try:
-                n = os.splice(src_fd, pipe[1], BUFFER_SIZE, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                try:
-                    wait_read(src_fd, timeout=PIPE_IDLE_RELEASE)
-                except socket.timeout:
-                    _close_pipe(pipe)          # empty: every spliced byte was passed on
-                    pipe = None
-                continue
+            n, sent = small_reads.until_not_small()
             if n == 0:
                 return
+            activity.touch()
+            if sent < n:
+                dst.sendall(_scratch[sent:n])     # a copy: the scratch is not ours while we wait
+            flow.moved += n
+            if n >= LARGE_READ and _splice_burst(src_fd, dst_fd, activity, flow):
+                return
+    finally:
+        small_reads.close()
+
+
+def _splice_burst(src_fd: int, dst_fd: int, activity: _Activity, flow: _Flow) -> bool:
+    """socket → pipe → socket with splice(2) while reads come back large. Returns True at the
+    source's end, False once a read came back small or would wait; the pipe is empty then (every
+    spliced byte was passed on) and closed."""
+    pipe_out, pipe_in = os.pipe()
+    try:
+        while True:
+            try:
+                n = os.splice(src_fd, pipe_in, SCRATCH_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return False
+            if n == 0:
+                return True
             activity.touch()
             left = n
             while left:
                 try:
-                    left -= os.splice(pipe[0], dst_fd, left, flags=_SPLICE_FLAGS)
+                    left -= os.splice(pipe_out, dst_fd, left, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
-                    _wait(wait_write, dst_fd, activity)
+                    wait_write(dst_fd)
             flow.moved += n
+            if n < LARGE_READ:
+                return False
     finally:
-        if pipe is not None:
-            _close_pipe(pipe)
+        os.close(pipe_out)
+        os.close(pipe_in)
 
 
-def _close_pipe(pipe: tuple[int, int]) -> None:
-    os.close(pipe[0])
-    os.close(pipe[1])
-
-
-def _copy_direction(src: socket.socket, dst: socket.socket, activity: _Activity, flow: _Flow) -> None:
+def _copy_direction(src, dst, activity: _Activity, flow: _Flow) -> None:
+    """Any socket pair (TLS, or no splice): a buffer of this direction's own, since TLS reads and
+    writes may wait midway; taken only once this direction carries data."""
     if not getattr(src, "pending", lambda: 0)():   # TLS may hold decrypted bytes already
-        _wait(wait_read, src.fileno(), activity)
-    buf = bytearray(BUFFER_SIZE)          # taken only once this direction carries data
+        wait_read(src.fileno())
+    buf = bytearray(BUFFER_SIZE)
     view = memoryview(buf)
     while True:
-        n = None
-        with gevent.Timeout(activity.remaining(), False):
-            n = src.recv_into(buf)
-        if n is None:                     # woke up to re-check idleness of both directions
-            continue
+        n = src.recv_into(buf)
         if n == 0:
             return
         activity.touch()
-        with gevent.Timeout(activity.idle_timeout, _Idle):
-            dst.sendall(view[:n])
+        dst.sendall(view[:n])
         flow.moved += n
 
 
@@ -207,8 +277,40 @@ def _direction(src, dst, activity: _Activity, use_splice: bool, first: bytes, fl
         dst.sendall(first)
         activity.touch()
         flow.moved += len(first)
-    (_splice_direction if use_splice else _copy_direction)(src, dst, activity, flow)
+    (_plain_direction if use_splice else _copy_direction)(src, dst, activity, flow)
     _half_close(dst)
+
+
+class _IdleWatch:
+    """One timer per tunnel instead of a timeout around every read and write: when neither
+    direction has moved a byte for the idle timeout it calls `on_idle`, from the hub, which must
+    therefore not block (shutting the sockets down wakes whatever waits on them)."""
+
+    def __init__(self, activity: _Activity, on_idle) -> None:
+        self._activity = activity
+        self._on_idle = on_idle
+        self._loop = gevent.get_hub().loop
+        self._timer = None
+        self._arm(activity.idle_timeout)
+
+    def _arm(self, seconds: float) -> None:
+        self._timer = self._loop.timer(seconds)
+        self._timer.start(self._check)
+
+    def _check(self) -> None:
+        self._timer.close()
+        try:
+            left = self._activity.remaining()
+        except _Idle as exc:
+            self._timer = None
+            self._on_idle(exc)
+            return
+        self._arm(left)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
 
 
 def _reset_on_close(sock) -> None:
@@ -241,12 +343,19 @@ def pipe(a: socket.socket, b: socket.socket, idle_timeout: float, *, a_to_b_firs
     b.settimeout(None)
     activity = _Activity(idle_timeout)
     up, down, failures = _Flow(), _Flow(), _Failures()
+
+    def end_idle(exc: _Idle) -> None:
+        failures.record(exc)
+        _shutdown(a, b)
+
+    idle_watch = _IdleWatch(activity, end_idle)
     upward = gevent.spawn(failures.run, _direction, a, b, activity, use_splice, a_to_b_first, up)
     upward.link(_abort_on_failure(failures, a, b))
     failures.run(_direction, b, a, activity, use_splice, b_to_a_first, down)
     if failures.over:
         _shutdown(a, b)
     upward.join()
+    idle_watch.cancel()
     return RelayResult(a_to_b=up.moved, b_to_a=down.moved, error=failures.describe())
 
 
