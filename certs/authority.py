@@ -46,6 +46,11 @@ UNSAFE_KEY_MODE = 0o026
 SigningKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
 PublicKey = Union[ec.EllipticCurvePublicKey, rsa.RSAPublicKey]
 
+# What an admin can do about a CA file that cannot be used: never done for them, as clients may
+# already trust the certificate.
+START_OVER = ("or remove both CA files to create a new CA (every client must then be given the "
+              "new certificate)")
+
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
 
 
@@ -265,7 +270,8 @@ class CertificateAuthority:
         cert = _load_cert(cert_path)
         key = _load_key(key_path)
         if not key_matches(cert, key):
-            raise CAError(key_path, f"private key does not match the certificate {cert_path}")
+            raise CAError(key_path, f"private key does not match the certificate {cert_path}; "
+                                    f"restore the key that belongs to it, {START_OVER}")
         try:
             constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
@@ -402,7 +408,7 @@ def _read(path: Path, private: bool = False) -> bytes:
                                     f"(group read, 0640, is allowed too)")
             return file.read()
     except FileNotFoundError:
-        raise CAError(path, "missing; restore it, or remove both CA files to create a new CA")
+        raise CAError(path, f"missing; restore it, {START_OVER}")
     except OSError as exc:
         raise CAError(path, f"cannot read: {exc.strerror}") from None
 
@@ -411,7 +417,7 @@ def _load_cert(path: Path) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(_read(path))
     except ValueError as exc:
-        raise CAError(path, f"not a PEM certificate ({exc})") from None
+        raise CAError(path, f"not a PEM certificate ({exc}); restore it, {START_OVER}") from None
 
 
 def _load_key(path: Path) -> SigningKey:
@@ -420,7 +426,8 @@ def _load_key(path: Path) -> SigningKey:
     except TypeError:
         raise CAError(path, "private key is encrypted; the appliance needs it unencrypted")
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise CAError(path, f"not a usable PEM private key ({exc})") from None
+        raise CAError(path, f"not a usable PEM private key ({exc}); restore it, "
+                            f"{START_OVER}") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
         raise CAError(path, f"unsupported key type {type(key).__name__}; use EC or RSA")
     return key

@@ -40,7 +40,7 @@ from ..protocols.tls_clienthello import (
 )
 from ..reader import SocketReader
 from ..upstream import OriginRoute, connect, is_ip_literal
-from .tls import handshake_failed
+from .tls import close_without_reset, handshake_failed, server_handshake
 
 log = logging.getLogger("appliance.intercept")
 
@@ -86,13 +86,19 @@ class LeafContexts:
         return context
 
 
-def peek_client_hello(sock: socket.socket, timeout: float) -> ClientHello:
+def peek_client_hello(sock: socket.socket, timeout: float,
+                      idle_timeout: float | None = None) -> ClientHello:
     """The ClientHello at the start of `sock`, left unread in the kernel for whoever comes next.
 
-    Raises NotTls / MalformedHello (from the parser) or ClientError (closed, or too slow).
+    The first byte may take `idle_timeout` (default: `timeout`); the whole hello must then be in
+    within `timeout` of it, so a client trickling it byte by byte is cut off like a slow request
+    head. Raises NotTls / MalformedHello (from the parser) or ClientError (closed, or too slow).
     SO_RCVLOWAT makes a TCP socket readable only once more bytes than already seen are in, so a
     hello split over segments costs one wakeup per segment, not a busy loop.
     """
+    too_slow = ClientError(f"no complete TLS ClientHello within {timeout:g}s")
+    wait_read(sock.fileno(), timeout=timeout if idle_timeout is None else idle_timeout,
+              timeout_exc=ClientError("no TLS ClientHello: the client sent nothing"))
     deadline = time.monotonic() + timeout
     seen = 0
     for _ in range(MAX_PEEKS):
@@ -100,8 +106,7 @@ def peek_client_hello(sock: socket.socket, timeout: float) -> ClientHello:
         if left <= 0:
             break
         _set_lowat(sock, seen + 1)
-        wait_read(sock.fileno(), timeout=left,
-                  timeout_exc=ClientError(f"no complete TLS ClientHello within {timeout:g}s"))
+        wait_read(sock.fileno(), timeout=left, timeout_exc=too_slow)
         try:
             data = sock.recv(HELLO_MAX_BYTES, socket.MSG_PEEK)
         except OSError as exc:
@@ -116,7 +121,7 @@ def peek_client_hello(sock: socket.socket, timeout: float) -> ClientHello:
             gevent.sleep(0.005)
         seen = len(data)
     _set_lowat(sock, 1)
-    raise ClientError(f"no complete TLS ClientHello within {timeout:g}s")
+    raise too_slow
 
 
 def _set_lowat(sock: socket.socket, n: int) -> None:
@@ -162,12 +167,11 @@ class TlsInterception:
             log.error("cannot mint a certificate for %s: %s", self.route.host, exc)
             refuse_hello(self.sock, ALERT_INTERNAL_ERROR)
             return
-        self.sock.settimeout(self.ctx.config.limits.client_idle_timeout)
         try:
-            tls = context.wrap_socket(self.sock, server_side=True)
-        except (OSError, ValueError) as exc:
+            tls = server_handshake(context, self.sock, self.ctx.config.limits)
+        except (OSError, ValueError, ClientError) as exc:
             # Typically the client does not trust the appliance CA ("certificate unknown").
-            handshake_failed(self.ctx, self.listener, self.client_ip, exc, self.sock,
+            handshake_failed(self.ctx, self.listener, self.client_ip, exc,
                              f"intercepting {self.route.host}")
             return
         if origin_failure is not None:
@@ -258,7 +262,7 @@ class TunnelInterception:
     def _serve(self, sock: socket.socket) -> None:
         limits = self.ctx.config.limits
         try:
-            hello = peek_client_hello(sock, limits.client_idle_timeout)
+            hello = peek_client_hello(sock, limits.header_timeout, limits.client_idle_timeout)
         except NotTls:
             self._relay_plain(sock)
             return
@@ -268,8 +272,8 @@ class TunnelInterception:
             refuse_hello(sock, exc.alert)
             return
         except ClientError as exc:
-            log.debug("CONNECT %s:%d from %s: %s", self.host, self.port, self.address[0], exc)
-            sock.close()
+            log.info("CONNECT %s:%d from %s: %s", self.host, self.port, self.address[0], exc)
+            close_without_reset(sock)
             return
         route = self._route(hello)
         TlsInterception(self.ctx, sock, self.address, self.listener, route, self.identity).run()

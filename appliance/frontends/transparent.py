@@ -30,6 +30,7 @@ from ..protocols.tls_clienthello import ALERT_ACCESS_DENIED, ClientHello, Malfor
 from ..upstream import OriginRoute, connect, is_ip_literal
 from .http1 import Http1Session
 from .intercept import TlsInterception, peek_client_hello, refuse_hello
+from .tls import close_without_reset
 
 log = logging.getLogger("appliance.transparent")
 
@@ -87,7 +88,8 @@ class TransparentTlsSession:
 
     def _serve(self, host: str, port: int, record: AccessRecord) -> None:
         try:
-            hello = peek_client_hello(self.sock, self.config.limits.client_idle_timeout)
+            limits = self.config.limits
+            hello = peek_client_hello(self.sock, limits.header_timeout, limits.client_idle_timeout)
         except NotTls:
             hello = None
         except MalformedHello as exc:
@@ -97,7 +99,8 @@ class TransparentTlsSession:
             return
         except ClientError as exc:
             record.error = f"client: {exc}"
-            self.sock.close()
+            log.info("transparent TLS from %s to %s: %s", self.client_ip, record.target, exc)
+            close_without_reset(self.sock)
             return
         action, name = self._decide(hello, host, port, record)
         if action == "deny":
