@@ -108,17 +108,21 @@ class H2Stream(relay.StreamSide):
     def send_headers(self, block, end_stream: bool = False, final: bool = True) -> None:
         """A response's HEADERS; `final=False` for a 1xx, after which the response still follows."""
         encoded = h2map.block_bytes(block)      # latin-1 as read from HTTP/1.1, not UTF-8
-        self.session.send(lambda c: c.send_headers(self.id, encoded, end_stream=end_stream), self)
+        self.session.send(lambda c: c.send_headers_packed(self.id, encoded, end_stream), self)
         self.headers_sent = self.headers_sent or final
 
-    def send(self, data) -> None:
+    def send(self, data, end_stream: bool = False) -> None:
         """Hand `data` to the writer and wait until it has framed all of it (within the peer's
-        windows, in turns with the other streams); the caller may reuse its buffer then."""
+        windows, in turns with the other streams); the caller may reuse its buffer then.
+        `end_stream`: this is the last of the body, without trailers (END_STREAM rides on the
+        last DATA frame when it can)."""
         if not data:
+            if end_stream:
+                self.end()
             return
         if self.gone:
             raise relay.StreamGone()
-        if self.session.send_at_once(self, data):
+        if self.session.send_at_once(self, data, end_stream):
             return
         self.data_framed.clear()
         self.session.outbound.add(self.id, data)
@@ -129,11 +133,13 @@ class H2Stream(relay.StreamSide):
             self.session.outbound.drop(self.id)     # left unframed: timeout, kill, or reset
         if self.gone:
             raise relay.StreamGone()
+        if end_stream:
+            self.end()
 
     def end(self, trailers=None) -> None:
         if trailers:
             encoded = h2map.block_bytes(trailers)
-            self.session.send(lambda c: c.send_headers(self.id, encoded, end_stream=True), self)
+            self.session.send(lambda c: c.send_headers_packed(self.id, encoded, end_stream=True), self)
         else:
             self.session.send(lambda c: c.end_stream(self.id), self)
 
@@ -196,10 +202,11 @@ class H2Session(ClientSession):
     def wake_writer(self) -> None:
         self._wake.set()
 
-    def send_at_once(self, stream: H2Stream, data) -> bool:
+    def send_at_once(self, stream: H2Stream, data, end_stream: bool = False) -> bool:
         """With no stream waiting for its turn, up to a frame of DATA goes to h2 at once (h2
         copies it), and the sender need not wait for the writer: an echo or a small response
-        (HEADERS, body, END_STREAM) leaves in one write. Bounded by a batch between writes."""
+        (HEADERS, then DATA with END_STREAM) leaves in one write. Bounded by a batch between
+        writes."""
         size = len(data)
         if (self.outbound or size > self.conn.max_outbound_frame_size
                 or self._sent_at_once + size > WRITE_BATCH):
@@ -209,7 +216,7 @@ class H2Session(ClientSession):
                 return False
         except (h2.exceptions.StreamClosedError, KeyError):     # KeyError: h2 4.1
             raise relay.StreamGone() from None
-        self.send(lambda c: c.send_data(stream.id, data), stream)
+        self.send(lambda c: c.send_data_packed(stream.id, data, end_stream), stream)
         self._sent_at_once += size
         return True
 

@@ -182,18 +182,23 @@ class H2Exchange:
                                  final=False)
 
     def _download(self, origin: OriginRequest, decoder) -> None:
+        """The response body as DATA; END_STREAM rides on its last piece, or on the trailers."""
         reader = origin.reader
+        ended = False
         while not decoder.done:
             data = reader.recv()
             if not data:
                 decoder.feed_eof()
                 break
-            for piece in decoder.feed(data):
-                self.stream.send(piece)
+            pieces = decoder.feed(data)
+            for i, piece in enumerate(pieces, 1):
+                ended = i == len(pieces) and decoder.done and not decoder.trailers
+                self.stream.send(piece, end_stream=ended)
                 self.record.bytes_down += len(piece)
         reader.unread(decoder.leftover)
-        trailers = h2map.h2_trailer_block(decoder.trailers) if decoder.trailers else None
-        self.stream.end(trailers)
+        if not ended:
+            trailers = h2map.h2_trailer_block(decoder.trailers) if decoder.trailers else None
+            self.stream.end(trailers)
 
     # --- CONNECT ----------------------------------------------------------------------------
 

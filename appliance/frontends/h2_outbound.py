@@ -6,16 +6,13 @@ it for a batch of frames (`frame`) and writes them after what h2 itself queued, 
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from dataclasses import dataclass, field
 
 import h2.connection
 import h2.exceptions
 
-from ..compat import GoawayTolerantH2Connection
-
-_DATA_FRAME_HEAD = struct.Struct(">BHBBL")    # length (24 bits), type 0 (DATA), no flags, stream
+from ..compat import GoawayTolerantH2Connection, frame_head
 
 
 @dataclass
@@ -83,7 +80,7 @@ class OutboundData:
                 stalled += 1
                 continue
             stalled = 0
-            out.pieces += (_DATA_FRAME_HEAD.pack(size >> 16, size & 0xFFFF, 0, 0, stream_id), view[:size])
+            out.pieces += (frame_head(size, 0, 0, stream_id), view[:size])      # DATA, no flags
             budget -= size
             if size < len(view):
                 self._pending[stream_id] = view[size:]

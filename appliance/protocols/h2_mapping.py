@@ -61,6 +61,7 @@ _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _PATH = re.compile(r"[\x21-\x7e]+")
 _SCHEME = re.compile(r"[a-z][a-z0-9+.\-]*")
 _DIGITS = re.compile(r"[0-9]{1,18}")
+_LINE_BREAK_OR_NUL = re.compile(r"[\r\n\0]")
 
 
 class StreamError(RemoteProtocolError):
@@ -111,7 +112,10 @@ def _decode(block: Iterable) -> list[tuple[str, str]]:
     out = []
     for pair in block:
         name, value = pair
-        out.append((_text(name), _text(value)))
+        if type(name) is bytes and type(value) is bytes:     # what h2 hands over: the common case
+            out.append((name.decode("latin-1"), value.decode("latin-1")))
+        else:
+            out.append((_text(name), _text(value)))
     return out
 
 
@@ -388,7 +392,7 @@ def _h2_fields(headers: Headers, also_drop: frozenset[str] = frozenset()) -> lis
         lname = name.lower()
         if lname.startswith(":") or lname in also_drop:
             continue
-        if any(c in value for c in "\r\n\0"):
+        if _LINE_BREAK_OR_NUL.search(value):
             raise LocalProtocolError(f"CR, LF or NUL in the value of {name!r}")
         out.append((lname, value))
     return out
