@@ -134,6 +134,7 @@ class DnsService:
                 self._datagram(sock, packet, peer)
             except Exception:    # noqa: BLE001 - a bug for one packet must not stop the listener
                 log.exception("internal error answering %s", peer[0])
+            gevent.sleep(0)      # a read that finds data does not yield: let a flood share the hub
 
     def _datagram(self, sock: socket.socket, packet: bytes, peer) -> None:
         outcome = self.responder().respond(packet, peer[0], UDP_MAX)
@@ -184,6 +185,7 @@ class DnsService:
                     sock.sendall(struct.pack("!H", len(data)) + data)
                 if outcome.result == "malformed":
                     return                   # a stream that carried garbage is not worth reading on
+                gevent.sleep(0)              # pipelined queries are all buffered: let others run
         except socket.timeout:
             log.debug("TCP client %s stalled; closed", client)
         except OSError as error:

@@ -32,12 +32,14 @@ def basic_credentials(headers: Headers, field: str = "proxy-authorization") -> C
     value = header_value(headers, field)
     if not value:
         return None
-    scheme, _, token = value.strip().partition(" ")
+    # RFC 9110 §11.4: credentials = auth-scheme [ 1*SP token68 ], around it only OWS (SP, HTAB);
+    # str.strip() would also take obs-text such as NBSP (0xA0) for whitespace.
+    scheme, _, token = value.strip(" \t").partition(" ")
     if scheme.lower() != "basic":
         return None
     try:
-        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+        decoded = base64.b64decode(token.lstrip(" "), validate=True).decode("utf-8")
+    except ValueError:          # not base64 (binascii.Error), not ASCII at all, or not UTF-8
         return None
     user, colon, password = decoded.partition(":")
     if not colon or not user:

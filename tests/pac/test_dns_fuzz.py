@@ -9,15 +9,13 @@ forwarded (RFC 5358).
 from __future__ import annotations
 
 from dnslib import DNSRecord
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from pac.dns_answer import (MAX_MESSAGE, OUTSIDER, DnsResponder, Dropped, Forward, Reply,
                             UpstreamFailed, UpstreamTruncated, answer_from_upstream, servfail)
 
 from .test_dns_answer import FORWARDERS, MANY, make_config, query, upstream_answer
-
-FUZZ = settings(max_examples=300, deadline=None)
 
 RESPONDERS = [DnsResponder(make_config()), DnsResponder(make_config(forward=FORWARDERS)),
               DnsResponder(make_config(answer=MANY, forward=FORWARDERS))]
@@ -74,19 +72,16 @@ def check(responder: DnsResponder, packet: bytes, client: str, udp_limit: int | 
     return outcome
 
 
-@FUZZ
 @given(st.binary(max_size=600), responders, clients, udp_limits)
 def test_arbitrary_bytes_never_raise(packet, responder, client, udp_limit):
     check(responder, packet, client, udp_limit)
 
 
-@FUZZ
 @given(mutated(real_queries()), responders, clients, udp_limits)
 def test_mutated_queries_never_raise_nor_amplify(packet, responder, client, udp_limit):
     check(responder, packet, client, udp_limit)
 
 
-@FUZZ
 @given(real_queries(), responders, clients, udp_limits)
 def test_real_queries_fit_the_clients_size(packet, responder, client, udp_limit):
     outcome = check(responder, packet, client, udp_limit)
@@ -100,7 +95,6 @@ def upstream_datagrams(draw, forward: Forward, query_id: int) -> bytes:
     return draw(st.one_of(st.just(real), mutated(st.just(real)), st.binary(max_size=300)))
 
 
-@FUZZ
 @given(real_queries(), udp_limits, st.data())
 def test_upstream_answers_never_raise_and_fit_the_client(packet, udp_limit, data):
     forward = RESPONDERS[1].respond(packet, "127.0.0.1", udp_limit)

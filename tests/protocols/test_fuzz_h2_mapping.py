@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from appliance.protocols.forwarding import HOP_BY_HOP
@@ -25,7 +25,6 @@ from appliance.protocols.h2_mapping import (
 )
 from appliance.protocols.http1 import parse_request_head, request_line, serialize_head
 
-FUZZ = settings(max_examples=200, deadline=None)
 ME = "proxy.localhost"
 KEY = base64.b64encode(b"0123456789abcdef").decode("ascii")
 
@@ -100,7 +99,6 @@ def http1_round_trip(req) -> None:
     assert [k.lower() for k, _ in headers].count("host") == 1
 
 
-@FUZZ
 @given(st.one_of(random_block, skeleton_block))
 def test_any_block_fails_only_with_stream_error(block):
     try:
@@ -111,7 +109,6 @@ def test_any_block_fails_only_with_stream_error(block):
     http1_round_trip(req)
 
 
-@FUZZ
 @given(skeleton_block)
 def test_str_and_bytes_blocks_agree(block):
     as_text = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in block]
@@ -129,7 +126,6 @@ def test_str_and_bytes_blocks_agree(block):
 def encode(block):
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in block]
 
-@FUZZ
 @given(method, st.sampled_from(["http", "https"]), authority, path, fields)
 def test_valid_request_maps_to_the_same_http1_head(method, scheme, authority, path, fields):
     block = [(":method", method), (":scheme", scheme), (":authority", authority), (":path", path)]
@@ -141,7 +137,6 @@ def test_valid_request_maps_to_the_same_http1_head(method, scheme, authority, pa
     assert head.headers == (("Host", req.target.authority),) + tuple(fields) + (("Via", f"2 {ME}"),)
 
 
-@FUZZ
 @given(authority, path, fields)
 def test_valid_websocket_request_maps_to_the_same_handshake(authority, path, fields):
     block = [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
@@ -161,7 +156,6 @@ response_fields = st.lists(st.tuples(st.one_of(any_name, st.sampled_from(
      "Proxy-Connection", "Trailer", "X-Private"])), field_text), max_size=10)
 
 
-@FUZZ
 @given(st.integers(100, 999).filter(lambda s: s != 101), response_fields)
 def test_response_block_has_no_connection_specific_field(status, headers):
     block = h2_response_block(status, tuple(headers), ME)
@@ -171,7 +165,6 @@ def test_response_block_has_no_connection_specific_field(status, headers):
     assert not set(names) & (CONNECTION_SPECIFIC | {"te"})
 
 
-@FUZZ
 @given(st.one_of(st.none(), st.integers(0, 1000)), st.lists(st.integers(0, 300), max_size=8))
 def test_data_length_check_refuses_exactly_the_mismatches(declared, pieces):
     check = DataLengthCheck(declared)

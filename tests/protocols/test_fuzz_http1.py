@@ -6,7 +6,7 @@ body codecs round-trip, however the network splits the bytes.
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from appliance.protocols.http1 import (
@@ -22,7 +22,6 @@ from appliance.protocols.http1 import (
     response_framing,
 )
 
-FUZZ = settings(max_examples=200, deadline=None)
 
 # Pieces of real heads, so generated inputs get past the first line often enough to matter.
 FRAGMENTS = [
@@ -46,7 +45,6 @@ def _only_remote_errors(call, *args):
         return None
 
 
-@FUZZ
 @given(head_bytes)
 def test_parse_request_head_raises_only_remote_protocol_error(data):
     head = _only_remote_errors(parse_request_head, data)
@@ -55,7 +53,6 @@ def test_parse_request_head_raises_only_remote_protocol_error(data):
         _only_remote_errors(request_framing, head)
 
 
-@FUZZ
 @given(head_bytes, st.sampled_from(["GET", "HEAD", "CONNECT", "POST"]))
 def test_parse_response_head_raises_only_remote_protocol_error(data, method):
     head = _only_remote_errors(parse_response_head, data)
@@ -64,7 +61,6 @@ def test_parse_response_head_raises_only_remote_protocol_error(data, method):
         _only_remote_errors(response_framing, method, head)
 
 
-@FUZZ
 @given(head_bytes, st.integers(min_value=1, max_value=400))
 def test_find_head_end_raises_only_remote_protocol_error(data, max_bytes):
     end = _only_remote_errors(find_head_end, data, max_bytes)
@@ -80,7 +76,6 @@ def test_find_head_end_raises_only_remote_protocol_error(data, max_bytes):
         assert end == -1 and len(data) < max_bytes
 
 
-@FUZZ
 @given(st.lists(st.one_of(st.binary(max_size=20), st.sampled_from(FRAGMENTS)), max_size=30))
 def test_chunked_decoder_raises_only_remote_protocol_error(pieces):
     decoder = ChunkedDecoder(max_trailer_bytes=256)
@@ -119,7 +114,6 @@ def chunked(body: bytes, sizes: list[int], extensions: bool) -> bytes:
     return b"".join(out)
 
 
-@FUZZ
 @given(
     body=st.binary(max_size=2000),
     sizes=st.lists(st.integers(min_value=1, max_value=300), max_size=8),
@@ -141,7 +135,6 @@ def test_chunked_round_trip_in_random_splits(body, sizes, extensions, trailers, 
     decoder.feed_eof()
 
 
-@FUZZ
 @given(
     body=st.binary(max_size=2000),
     leftover=st.binary(max_size=100),
