@@ -69,8 +69,11 @@ def read_client_hello(data: bytes, max_bytes: int = 16384 * 4) -> ClientHello | 
     Bytes after the records that carry the hello (early data, a second flight) are ignored.
     """
     _check_record_magic(data)
-    # The first record starts with the handshake header: refuse early, before its record is in.
+    # The first record starts with the handshake header: refuse early, before its record is in,
+    # and in the order the bytes come (the record's length before the header inside it), so the
+    # answer never depends on how the bytes were split.
     if len(data) >= 5:
+        _check_record_length(_u16(data, 3))
         _check_handshake_header(data[5:5 + min(4, _u16(data, 3))], max_bytes)
     fragments, end = _handshake_fragments(memoryview(data), max_bytes)
     if end > max_bytes:
@@ -97,6 +100,13 @@ def _check_record_magic(data: bytes) -> None:
         raise NotTls("record version major is not 3")
     if len(data) >= 3 and data[2] > 4:
         raise NotTls("record version minor is out of range")
+
+
+def _check_record_length(length: int) -> None:
+    if length == 0:
+        raise MalformedHello("zero-length handshake record")   # RFC 8446 §5.1
+    if length > MAX_RECORD:
+        raise MalformedHello(f"record of {length} bytes", ALERT_RECORD_OVERFLOW)
 
 
 def _check_handshake_header(header: bytes, max_bytes: int) -> int:
@@ -126,17 +136,14 @@ def _handshake_fragments(view: memoryview, max_bytes: int) -> tuple[list[memoryv
         if content_type != CONTENT_HANDSHAKE or major != 3:
             raise MalformedHello(f"record of type {content_type} inside the ClientHello",
                                  ALERT_UNEXPECTED_MESSAGE)
-        if length == 0:
-            raise MalformedHello("zero-length handshake record")   # RFC 8446 §5.1
-        if length > MAX_RECORD:
-            raise MalformedHello(f"record of {length} bytes", ALERT_RECORD_OVERFLOW)
+        _check_record_length(length)
         if offset + 5 + length > len(view):
             return fragments, offset + 5 + length
         fragments.append(view[offset + 5:offset + 5 + length])
         have += length
         offset += 5 + length
-        if need is None and have >= 4:
-            need = 4 + int.from_bytes(_first_bytes(fragments, 4)[1:4], "big")
+        if need is None and have >= 4:         # refused here, before any later record is read
+            need = _check_handshake_header(_first_bytes(fragments, 4), max_bytes)
     complete = need is not None and have >= need
     return fragments, offset if complete else offset + 6     # a next record has >= 1 byte
 
