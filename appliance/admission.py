@@ -1,18 +1,23 @@
 """Admission: who is asking (proxy authentication) and whether policy lets them (policy.decide).
 
 Every frontend calls `admit` once per request, tunnel or stream, before anything reaches an
-origin. Names are resolved first only when a rule tests destination networks.
+origin. The rules decide first (resolving a name first only when a rule tests destination
+networks); what they allow is checked against the built-in refusals on the addresses a name
+resolves to, which the resolver's cache then hands to the connect that follows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+
+from gevent import socket
 
 from .config import Config
 from .context import ProxyContext
 from .errors import PolicyDenied
 from .observe import AccessRecord
-from .policy import Decision, Intent, decide, needs_addresses
+from .policy import Decision, Intent, decide, is_name, needs_addresses, refusal
 from .protocols.http1 import Headers
 
 
@@ -44,7 +49,29 @@ def admit(ctx: ProxyContext, config: Config, record: AccessRecord, headers: Head
     if not addresses and needs_addresses(config.rules, intent):
         intent = dataclasses.replace(intent, addresses=tuple(ctx.resolver.resolve(host)))
     decision = decide(config.rules, intent)
+    if decision.action != "deny":
+        # What the rules allow is checked once more on the address it will be dialled to: a
+        # name is resolved now (a denied one never is: it stays a 403 whatever DNS says).
+        if not intent.addresses and is_name(host):
+            intent = dataclasses.replace(intent, addresses=tuple(ctx.resolver.resolve(host)))
+        refused = refusal(intent, config.listen, config.policy.connect_ports, is_local_address)
+        if refused:
+            decision = Decision("deny", refused)
     record.rule = decision.rule
     if decision.action == "deny":
         raise PolicyDenied(decision.rule)
     return decision
+
+
+def is_local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether `address` belongs to this host: only a local address can be bound (asked only
+    when a request is for a port we listen on with a wildcard address)."""
+    if address.is_loopback:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True

@@ -179,6 +179,13 @@ class LogSection:
 
 
 @dataclass(frozen=True)
+class PolicySection:
+    # ports an HTTP CONNECT (HTTP/1.1 or HTTP/2) may reach, whatever the rules say; () = any.
+    # The packaged config says [443], like Squid's `http_access deny CONNECT !SSL_ports`.
+    connect_ports: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class Rule:
     """One `[[rule]]`; empty matchers match anything. Matching itself is `policy`'s business."""
 
@@ -207,6 +214,7 @@ class Config:
     admin: AdminSection = field(default_factory=AdminSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     log: LogSection = field(default_factory=LogSection)
+    policy: PolicySection = field(default_factory=PolicySection)
     rules: tuple[Rule, ...] = ()
 
 
@@ -331,6 +339,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Convert]]] = {
         "access_log": access_log, "format": choice("jsonl", "squid"),
         "level": choice("debug", "info", "warning", "error"),
     }),
+    "policy": (PolicySection, {"connect_ports": each(port_range)}),
 }
 # Defaults that must go through their converter: paths resolve against the config's folder.
 _TOML_DEFAULTS = {"appliance": {"state_dir": "var"}}

@@ -6,6 +6,11 @@ traffic alike. No matching rule means deny, like a firewall's default policy.
 
 Destination CIDRs match an IP-literal target, or any address the target's name resolved to
 (`Intent.addresses`), so a name cannot slip past a rule written for the addresses behind it.
+
+Before the rules, `refusal` applies what no rule can allow: a destination that is not a unicast
+address (0.0.0.0/8 and :: reach this host; multicast and broadcast are no TCP peers), a forwarding
+loop (this appliance's own listeners), and a CONNECT to a port outside `[policy] connect_ports`
+(Squid's `http_access deny CONNECT !SSL_ports`).
 """
 
 from __future__ import annotations
@@ -14,9 +19,16 @@ import ipaddress
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .config import Rule
+from .config import ListenSection, Rule
 
 DEFAULT_DENY = "default deny (no rule matched)"
+NOT_UNICAST = "built-in: the destination is not a unicast address"
+FORWARDING_LOOP = "built-in: forwarding loop (the destination is this appliance's own listener)"
+CONNECT_PORT = "built-in: CONNECT to a port outside [policy] connect_ports"
+# Where an HTTP CONNECT arrives; a SOCKS5 CONNECT is a general TCP tunnel and not port-bound.
+CONNECT_LISTENERS = ("http", "https")
+# "this network" (RFC 1122: 0.0.0.0 reaches this host), and class E with the broadcast address
+_IPV4_NEVER_DIALLED = (ipaddress.ip_network("0.0.0.0/8"), ipaddress.ip_network("240.0.0.0/4"))
 
 
 @dataclass(frozen=True)
@@ -61,13 +73,20 @@ def domain_matches(pattern: str, host: str) -> bool:
     return host == pattern
 
 
+def dialled_addresses(intent: Intent) -> list:
+    """The addresses a connection for `intent` may be dialled to: the IP literal, or what the
+    name resolved to, with the IPv4 address inside each IPv4-mapped IPv6 one (::ffff:127.0.0.1
+    reaches 127.0.0.1 over a dual-stack socket: IPv4 rules must see it too)."""
+    literal = _ip(intent.host)
+    addresses = [literal] if literal is not None else [a for a in map(_ip, intent.addresses) if a]
+    return addresses + [a.ipv4_mapped for a in addresses if a.version == 6 and a.ipv4_mapped]
+
+
 def _dst_matches(rule: Rule, intent: Intent) -> bool:
     if not rule.dst:
         return True
     literal = _ip(intent.host)
-    addresses = [literal] if literal is not None else [a for a in map(_ip, intent.addresses) if a]
-    # ::ffff:127.0.0.1 reaches 127.0.0.1 over a dual-stack socket: IPv4 rules must see it too.
-    addresses += [a.ipv4_mapped for a in addresses if a.version == 6 and a.ipv4_mapped]
+    addresses = dialled_addresses(intent)
     for entry in rule.dst:
         if isinstance(entry, str):
             if literal is None and domain_matches(entry, intent.host):
@@ -101,7 +120,52 @@ def decide(rules: tuple[Rule, ...], intent: Intent) -> Decision:
 
 
 def needs_addresses(rules: tuple[Rule, ...], intent: Intent) -> bool:
-    """True when a rule tests destination networks and the target is a name, not an address."""
-    if _ip(intent.host) is not None:
-        return False
-    return any(not isinstance(entry, str) for rule in rules for entry in rule.dst)
+    """True when a rule tests destination networks and the target is a name, not an address:
+    the rules need its addresses before deciding."""
+    return is_name(intent.host) and any(not isinstance(entry, str) for rule in rules for entry in rule.dst)
+
+
+def is_name(host: str) -> bool:
+    """A host name, not an IP literal: what it resolves to is dialled, and checked first."""
+    return _ip(host) is None
+
+
+def _not_unicast(address) -> bool:
+    if address.is_unspecified or address.is_multicast:
+        return True
+    return address.version == 4 and any(address in network for network in _IPV4_NEVER_DIALLED)
+
+
+def _is_own_listener(listen: ListenSection, address, port: int, is_local) -> bool:
+    """Whether address:port is one of our listening sockets; a wildcard listener (0.0.0.0, ::)
+    takes every address of this host, which only `is_local(address)` (I/O) can tell."""
+    for kind in ListenSection.__dataclass_fields__:
+        for listener in getattr(listen, kind):
+            if listener.port != port:
+                continue
+            bound = _ip(listener.host)
+            if bound == address:
+                return True
+            if bound is not None and bound.is_unspecified and is_local(address):
+                # an IPv4 wildcard takes IPv4 only; "::" takes both (dual-stack)
+                if bound.version == 6 or address.version == 4:
+                    return True
+    return False
+
+
+def refusal(intent: Intent, listen: ListenSection, connect_ports: tuple[tuple[int, int], ...],
+            is_local) -> str | None:
+    """The built-in reason `intent` is refused whatever the rules say, or None.
+
+    `is_local(address)`: whether the address belongs to this host (asked only for a port we
+    listen on with a wildcard address)."""
+    addresses = dialled_addresses(intent)
+    if any(_not_unicast(address) for address in addresses):
+        return NOT_UNICAST
+    if any(_is_own_listener(listen, address, intent.port, is_local) for address in addresses):
+        return FORWARDING_LOOP
+    if (connect_ports and intent.method == "CONNECT" and intent.kind == "tunnel"
+            and intent.listener in CONNECT_LISTENERS
+            and not any(lo <= intent.port <= hi for lo, hi in connect_ports)):
+        return CONNECT_PORT
+    return None

@@ -720,3 +720,12 @@ def test_any_text_gives_a_config_or_config_errors(text):
     except ConfigErrors as caught:
         assert all(isinstance(error, ConfigError) for error in caught.errors)
 
+
+
+def test_policy_connect_ports():
+    assert parse("").policy.connect_ports == ()                     # absent: CONNECT to any port
+    ports = parse('[policy]\nconnect_ports = [443, "8000-8999"]\n').policy.connect_ports
+    assert ports == ((443, 443), (8000, 8999))
+    [error] = errors_of('[policy]\nconnect_ports = [443, "https"]\n')
+    assert (error.line, error.key) == (2, "policy.connect_ports[1]")
+    assert "must be a port or a range" in error.message

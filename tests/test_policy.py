@@ -11,7 +11,8 @@ import textwrap
 import pytest
 
 from appliance.config import parse
-from appliance.policy import DEFAULT_DENY, Decision, Intent, decide, domain_matches, needs_addresses
+from appliance.policy import (CONNECT_PORT, DEFAULT_DENY, FORWARDING_LOOP, NOT_UNICAST, Decision, Intent,
+                              decide, domain_matches, is_name, needs_addresses, refusal)
 
 
 def rules(toml: str):
@@ -217,22 +218,23 @@ def test_domain_pattern_never_matches_an_ip_literal():
     assert not decide(r, intent(host="192.0.2.1", addresses=())).allowed
 
 
-def test_needs_addresses_only_for_names_against_networks():
-    networks = rules("""
+def test_names_need_addresses_only_for_rules_testing_networks():
+    """The rules resolve a name only when one tests destination networks; what they allow is
+    resolved afterwards for the built-in refusals (admission), so a denied name is never looked up."""
+    by_name = rules("""
+        [[rule]]
+        action = "allow"
+        dst = [".example.com"]
+    """)
+    by_network = rules("""
         [[rule]]
         action = "deny"
         dst = ["10.0.0.0/8"]
     """)
-    domains = rules("""
-        [[rule]]
-        action = "deny"
-        dst = ["*.example.com"]
-    """)
-    assert needs_addresses(networks, intent(host="example.com"))
-    assert not needs_addresses(networks, intent(host="10.0.0.1"))
-    assert not needs_addresses(networks, intent(host="::1"))
-    assert not needs_addresses(domains, intent(host="example.com"))
-    assert not needs_addresses((), intent(host="example.com"))
+    assert not needs_addresses(by_name, intent(host="www.example.com"))
+    assert needs_addresses(by_network, intent(host="www.example.com"))
+    assert not needs_addresses(by_network, intent(host="10.0.0.1"))
+    assert is_name("example.com") and not is_name("10.0.0.1") and not is_name("::1")
 
 
 # --- ports and users ------------------------------------------------------------------------
@@ -296,3 +298,94 @@ def test_decide_is_pure():
     i = intent()
     assert decide(r, i) == decide(r, i)
     assert i == intent()
+
+
+# --- built-in refusals: what no rule can allow ----------------------------------------------
+
+LISTEN = parse(textwrap.dedent("""
+    [listen]
+    http = ["127.0.0.1:3128", "[::1]:3128"]
+    https = "0.0.0.0:8443"
+    socks5 = "[::]:1080"
+    admin = "127.0.0.1:9090"
+""")).listen
+
+
+def never_local(address) -> bool:
+    return False
+
+
+def only(*local: str):
+    return lambda address: str(address) in local
+
+
+@pytest.mark.parametrize("host, addresses", [
+    ("0.0.0.0", ()), ("::", ()), ("0.1.2.3", ()), ("224.0.0.1", ()), ("ff02::1", ()),
+    ("255.255.255.255", ()), ("240.0.0.1", ()), ("::ffff:0.0.0.0", ()),
+    ("zero.example", ("0.0.0.0",)), ("multicast.example", ("192.0.2.1", "239.1.2.3")),
+])
+def test_a_destination_that_is_not_unicast_is_refused(host, addresses):
+    assert refusal(intent(host=host, addresses=addresses), LISTEN, (), never_local) == NOT_UNICAST
+
+
+@pytest.mark.parametrize("host, port, addresses, local, loop", [
+    ("127.0.0.1", 3128, (), never_local, True),           # a listener's own address
+    ("::1", 3128, (), never_local, True),
+    ("::ffff:127.0.0.1", 9090, (), never_local, True),    # mapped: the same socket
+    ("127.0.0.2", 3128, (), never_local, False),          # bound to 127.0.0.1 only: not us
+    ("127.0.0.1", 3129, (), never_local, False),          # not a port we listen on
+    ("proxy.example", 3128, ("127.0.0.1",), never_local, True),   # a name for it
+    ("192.168.1.1", 8443, (), only("192.168.1.1"), True),  # wildcard: any local address
+    ("192.168.1.1", 8443, (), never_local, False),         # ... but not another host's
+    ("fd00::1", 8443, (), only("fd00::1"), False),        # 0.0.0.0 takes IPv4 only
+    ("fd00::1", 1080, (), only("fd00::1"), True),         # :: takes both families
+    ("192.168.1.1", 1080, (), only("192.168.1.1"), True),
+])
+def test_a_request_for_our_own_listener_is_a_forwarding_loop(host, port, addresses, local, loop):
+    found = refusal(intent(host=host, port=port, addresses=addresses), LISTEN, (), local)
+    assert found == (FORWARDING_LOOP if loop else None)
+
+
+@pytest.mark.parametrize("listener, kind, method, port, refused", [
+    ("http", "tunnel", "CONNECT", 22, True),
+    ("https", "tunnel", "CONNECT", 7000, True),
+    ("http", "tunnel", "CONNECT", 443, False),
+    ("http", "tunnel", "CONNECT", 8001, False),           # inside the range "8000-8999"
+    ("socks5", "tunnel", "CONNECT", 22, False),           # SOCKS5 is a general TCP tunnel
+    ("https", "websocket", "CONNECT", 8080, False),       # RFC 8441: a WebSocket, not a tunnel
+    ("http", "request", "GET", 8080, False),
+])
+def test_connect_ports_bind_http_connect_only(listener, kind, method, port, refused):
+    wanted = intent(host="192.0.2.1", port=port, listener=listener, kind=kind, method=method)
+    assert refusal(wanted, LISTEN, ((443, 443), (8000, 8999)), never_local) == (CONNECT_PORT if refused else None)
+    assert refusal(wanted, LISTEN, (), never_local) is None        # [] lets CONNECT go anywhere
+
+
+def test_the_packaged_config_is_no_open_proxy():
+    """packaging/appliance.toml, as installed: outsiders are refused everything; LAN clients
+    reach the web but not the gateway itself, link-local, metadata or non-443 CONNECT ports."""
+    from pathlib import Path
+    config = parse((Path(__file__).parents[1] / "packaging" / "appliance.toml").read_text())
+
+    def verdict(client, host, port=80, addresses=(), **kw):
+        wanted = intent(host=host, port=port, client=client, addresses=addresses, **kw)
+        refused = refusal(wanted, config.listen, config.policy.connect_ports, never_local)
+        return refused or decide(config.rules, wanted).rule
+
+    for outsider in ("198.51.100.7", "2001:db8::7", "127.0.0.1", "::1", "100.64.0.1"):
+        assert verdict(outsider, "example.com", addresses=("93.184.215.14",)) == DEFAULT_DENY
+    lan = "192.168.1.20"
+    assert verdict(lan, "example.com", addresses=("93.184.215.14",)) == "local networks"
+    assert verdict(lan, "example.com", 443, ("93.184.215.14",), kind="tunnel", method="CONNECT") \
+        == "local networks"
+    assert verdict(lan, "example.com", 22, ("93.184.215.14",), kind="tunnel", method="CONNECT") \
+        == CONNECT_PORT
+    for inside, rule in [("127.0.0.1", "the box itself"), ("::ffff:127.0.0.1", "the box itself"),
+                         ("localhost", "the box itself"), ("169.254.169.254", "link-local"),
+                         ("fe80::1", "link-local"), ("fd00:ec2::254", "cloud metadata"),
+                         ("100.100.100.200", "cloud metadata"), ("0.0.0.0", NOT_UNICAST),
+                         ("224.0.0.1", NOT_UNICAST)]:
+        assert verdict(lan, inside) == rule, inside
+    assert verdict(lan, "rebound.example", addresses=("93.184.215.14", "127.0.0.1")) == "the box itself"
+    assert verdict(lan, "192.168.1.1", 3128) == "local networks"     # not local in this test
+    assert verdict(lan, "wild.example", 3128, ("0.0.0.0",)) == NOT_UNICAST
