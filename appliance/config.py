@@ -163,6 +163,7 @@ class LimitsSection:
     header_timeout: float = 30.0            # a request head must be complete this long after its first byte
     max_connections_per_client: int = 1000  # connections one client address may hold at once
     max_h2_streams: int = 100               # concurrent streams per HTTP/2 connection
+    max_h2_streams_per_connection: int = 10000   # streams in a connection's life, then GOAWAY
     drain_timeout: float = 10.0             # on SIGTERM: time left for requests and tunnels in flight
 
 
@@ -333,6 +334,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Convert]]] = {
         "client_idle_timeout": seconds, "tunnel_idle_timeout": seconds,
         "header_timeout": seconds, "max_connections_per_client": integer(1, 10**7),
         "max_h2_streams": integer(1, 10000), "drain_timeout": seconds,
+        "max_h2_streams_per_connection": integer(1, 2**30),
     }),
     "admin": (AdminSection, {"users_file": optional_path}),
     "log": (LogSection, {

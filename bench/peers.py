@@ -126,8 +126,12 @@ def start_appliance(work: Path, port: int, admin_port: int, python: str,
     conf = work / "appliance.toml"
     https = f'https = "{HOST}:{https_port}"\n' if https_port else ""
     workers_value = f'"{workers}"' if isinstance(workers, str) else str(workers)
-    limits = (f"\n[limits]\nmax_connections = {max_connections}\n"
-              f"max_connections_per_client = {max_connections}\n" if max_connections else "")
+    # h2load keeps one HTTP/2 connection for a whole run: the lifetime stream cap is lifted, as
+    # nginx's keepalive_requests is for the origin (origins.py).
+    limits = "\n[limits]\nmax_h2_streams_per_connection = 1000000000\n"
+    if max_connections:
+        limits += (f"max_connections = {max_connections}\n"
+                   f"max_connections_per_client = {max_connections}\n")
     conf.write_text(f"""[appliance]
 name = "proxy.localhost"
 state_dir = "{work}/var"

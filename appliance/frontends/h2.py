@@ -48,9 +48,15 @@ CONNECTION_WINDOW = 4 * 1024 * 1024  # shared by all streams of a connection
 WRITE_BATCH = 256 * 1024             # DATA bytes framed for one TLS write, over all streams
 # Abuse limits per connection and per 10 s window (rapid reset CVE-2023-44487, floods).
 FLOOD_WINDOW = 10.0
+# Streams ended by a reset, from either side: the client's own (rapid reset) and the ones its
+# requests make us send (a malformed request each, streams over MAX_CONCURRENT_STREAMS;
+# "MadeYouReset", CVE-2025-8671), which cost us the same work.
 MAX_RESETS = 200
 MAX_PINGS = 100
 MAX_SETTINGS = 100
+# Frames that cost work and move nothing (CVE-2019-9518): DATA without payload or END_STREAM,
+# PRIORITY frames (RFC 9113 §5.3.2 deprecates them; clients that still send some send a handful).
+MAX_EMPTY_FRAMES = 100
 # An unfinished header block (HEADERS, then CONTINUATION without END_HEADERS, CVE-2024-27316 and
 # kin) is held whole until it ends. An HPACK field is never sent in more than 4 times its
 # decoded size (name + value + 32; Huffman codes are at most 30 bits an octet), so a block over
@@ -58,6 +64,9 @@ MAX_SETTINGS = 100
 # h2 itself stops a block only at 64 frames, up to 64 × 16 KiB.
 MAX_BLOCK_INFLATION = 4
 GOAWAY_HANDOFF_TRIES = 500           # × 1 ms: how long `goaway` waits for the writer to take it
+# How long `goaway` waits for the writer to get it out: a client that does not read (its TCP
+# window shut) must not hold the connection for the whole write timeout after a flood.
+GOAWAY_WRITE_TIMEOUT = 2.0
 
 
 class _Flood:
@@ -68,11 +77,11 @@ class _Flood:
         self.count = 0
         self.since = time.monotonic()
 
-    def hit(self) -> bool:
+    def hit(self, n: int = 1) -> bool:
         now = time.monotonic()
         if now - self.since > FLOOD_WINDOW:
             self.count, self.since = 0, now
-        self.count += 1
+        self.count += n
         return self.count > self.limit
 
 
@@ -91,6 +100,10 @@ class H2Stream(relay.StreamSide):
         self.reset_code: int | None = None
         self.trailers: tuple = ()
         self.headers_sent = False
+        # How long `send` waits for the client's flow-control windows to let its data go (a
+        # client that opens streams with a zero window and never opens it holds an origin
+        # connection per stream); None: the caller bounds it (a tunnel, by its idle timeout).
+        self.stall_timeout: float | None = session.config.limits.client_idle_timeout
 
     # inbound
 
@@ -128,11 +141,15 @@ class H2Stream(relay.StreamSide):
         self.session.outbound.add(self.id, data)
         self.session.wake_writer()
         try:
-            self.data_framed.wait()
+            framed = self.data_framed.wait(self.stall_timeout)
         finally:
             self.session.outbound.drop(self.id)     # left unframed: timeout, kill, or reset
         if self.gone:
             raise relay.StreamGone()
+        if not framed:
+            self.reset(h2.errors.ErrorCodes.CANCEL)
+            raise ClientError(f"the client's flow-control window stayed closed for "
+                              f"{self.stall_timeout:g} s")
         if end_stream:
             self.end()
 
@@ -146,6 +163,7 @@ class H2Stream(relay.StreamSide):
     def reset(self, code: int = h2.errors.ErrorCodes.CONNECT_ERROR) -> None:
         self.session.send(lambda c: c.reset_stream(self.id, code), self)
         self.gone = True
+        self.session.reset_sent()
 
     # events from the connection greenlet
 
@@ -175,7 +193,9 @@ class H2Session(ClientSession):
         self.closing = False
         self._refused_counted = 0
         self._floods = {"reset": _Flood(MAX_RESETS), "ping": _Flood(MAX_PINGS),
-                        "settings": _Flood(MAX_SETTINGS)}
+                        "settings": _Flood(MAX_SETTINGS), "empty": _Flood(MAX_EMPTY_FRAMES)}
+        self._streams_started = 0
+        self._headers_priority = None            # the PriorityUpdated of the last HEADERS
 
     # --- the writer -------------------------------------------------------------------------
 
@@ -314,8 +334,8 @@ class H2Session(ClientSession):
                     continue
                 self.goaway(h2.errors.ErrorCodes.NO_ERROR)
                 return
-            if not data:
-                return
+            if not data or self.conn.state_machine.state == h2.connection.ConnectionState.CLOSED:
+                return        # (CLOSED: a stream greenlet sent an error GOAWAY, a flood of resets)
             try:
                 events = self.conn.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
@@ -324,8 +344,8 @@ class H2Session(ClientSession):
                 log.info("h2 client %s: protocol error, closing: %s", self.client_ip, exc)
                 self.goaway(None)
                 return
-            if self.conn.refused_streams > self._refused_counted:
-                self._count_refused_streams()
+            if self.conn.refused_streams > self._refused_counted and not self._count_refused_streams():
+                return
             for event in events:
                 if self._dispatch(event) is False:
                     return
@@ -336,13 +356,24 @@ class H2Session(ClientSession):
             if self.closing and not self.streams:
                 return
 
-    def _count_refused_streams(self) -> None:
+    def _count_refused_streams(self) -> bool:
+        """False when the refusals (resets we sent) make a flood and the connection is ending."""
         refused = self.conn.refused_streams - self._refused_counted
         self._refused_counted = self.conn.refused_streams
         metrics = self.ctx.observer.metrics
         metrics.child(metrics.limit_refusals, "h2_streams").inc(refused)
         log.info("h2 client %s: %d stream(s) over [limits] max_h2_streams refused (REFUSED_STREAM)",
                  self.client_ip, refused)
+        if self._floods["reset"].hit(refused):
+            return self._flood("RST_STREAM (refused streams)")
+        return True
+
+    def reset_sent(self) -> None:
+        """A stream greenlet reset its stream: that counts toward the reset limit too. Over it,
+        the GOAWAY goes out from here, and the read loop is woken to end the connection."""
+        if self._floods["reset"].hit() and not self.closing:
+            self._flood("RST_STREAM (provoked by malformed or refused requests)")
+            relay.shutdown_socket(self.sock, socket.SHUT_RD)
 
     def goaway(self, code) -> None:
         """Send GOAWAY(`code`), or with `code` None the one h2 queued on a protocol error."""
@@ -358,7 +389,7 @@ class H2Session(ClientSession):
             if not self._wake.is_set():
                 break
             gevent.sleep(0.001)
-        self._drained.wait()
+        self._drained.wait(GOAWAY_WRITE_TIMEOUT)
 
     def drain(self) -> None:
         """Shutdown: GOAWAY now, finish the streams in flight, then close (RFC 9113 §6.8)."""
@@ -369,10 +400,15 @@ class H2Session(ClientSession):
         E = h2.events
         stream = self.streams.get(getattr(event, "stream_id", None) or 0)
         if isinstance(event, E.RequestReceived):
+            self._headers_priority = event.priority_updated
             self._start_stream(event)
         elif isinstance(event, E.DataReceived):
-            if stream is not None:
-                stream.inbox.put(event.data)
+            if event.data:
+                if stream is not None:
+                    stream.inbox.put(event.data)
+            elif event.stream_ended is None and self._floods["empty"].hit():
+                # (an empty DATA frame must not reach the inbox either: b"" is END_STREAM there)
+                return self._flood("empty DATA")
             if event.flow_controlled_length > len(event.data):     # padding is credited at once
                 self.ack(event.stream_id, event.flow_controlled_length - len(event.data))
             elif stream is None:
@@ -396,6 +432,10 @@ class H2Session(ClientSession):
         elif isinstance(event, E.PingReceived):
             if self._floods["ping"].hit():
                 return self._flood("PING")
+        elif isinstance(event, E.PriorityUpdated):
+            # h2 reports a HEADERS frame's priority as one too, right after its RequestReceived
+            if event is not self._headers_priority and self._floods["empty"].hit():
+                return self._flood("PRIORITY")
         elif isinstance(event, E.ConnectionTerminated):
             # The client's GOAWAY: no new streams from it; those in flight finish if it said
             # NO_ERROR, any error code ends the connection now.
@@ -421,6 +461,15 @@ class H2Session(ClientSession):
             return
         task = gevent.spawn(self._serve_stream, stream, event.headers)
         self.tasks[event.stream_id] = task
+        self._streams_started += 1
+        # [limits] max_h2_streams_per_connection: then a graceful GOAWAY, the streams in flight
+        # finish and the client goes on on a new connection (nginx's keepalive_requests does the
+        # same), so stream ids and per-connection state never grow forever.
+        if self._streams_started == self.config.limits.max_h2_streams_per_connection:
+            # This stream is the last one the GOAWAY lets in; later ones are refused above.
+            log.info("h2 client %s: %d streams on one connection, [limits] "
+                     "max_h2_streams_per_connection: GOAWAY", self.client_ip, self._streams_started)
+            self.goaway(h2.errors.ErrorCodes.NO_ERROR)
 
     def _credit_unread(self, stream: H2Stream) -> None:
         """DATA a finished stream never read still counts against the connection's window:

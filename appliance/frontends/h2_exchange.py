@@ -21,10 +21,11 @@ from ..admission import Identity
 from ..errors import AuthRequired, ClientError, PolicyDenied, UpstreamError, http_reply
 from ..observe import AccessRecord
 from ..origin_request import OriginRequest
+from ..protocols import forwarding as fwd
 from ..protocols import h2_mapping as h2map
 from ..protocols.http1 import (
-    CHUNKED, NO_BODY, Framing, LocalProtocolError, RemoteProtocolError, chunk_header, last_chunk,
-    request_line, serialize_head,
+    CHUNKED, NO_BODY, Framing, LocalProtocolError, RemoteProtocolError, body_decoder, chunk_header,
+    last_chunk, request_line, response_framing, serialize_head,
 )
 from ..reader import send
 from ..upstream import connect
@@ -95,6 +96,8 @@ class H2Exchange:
             self.record.bytes_down += len(body)
         except relay.StreamGone:
             pass
+        except ClientError as exc:          # the client never opened its window for the body
+            self.record.error = f"client: {exc}"
         log.info("h2 %s %s %s from %s: %s", self.record.method, self.record.target,
                  self.record.status, self.s.client_ip, reply.log_error)
 
@@ -117,14 +120,15 @@ class H2Exchange:
             raise RemoteProtocolError("https:// URLs go through CONNECT, not in a plain request", 501)
         target, _ = self.authorize(req, "request", req.method)
         method, path, headers = h2map.http1_request_head(req, self.s.pseudonym)
-        if req.content_length is not None:
-            framing = Framing("length", req.content_length) if req.content_length else NO_BODY
-        elif self.stream.ended_with_headers:
+        check = h2map.DataLengthCheck(req.content_length)
+        if self.stream.ended_with_headers:
+            check.end()       # a content-length over 0 and no DATA to come: malformed, before the origin
             framing = NO_BODY
+        elif req.content_length is not None:
+            framing = Framing("length", req.content_length) if req.content_length else NO_BODY
         else:
             framing = CHUNKED
             headers += (("Transfer-Encoding", "chunked"),)
-        check = h2map.DataLengthCheck(req.content_length)
         origin = OriginRequest.routed(self.s.ctx, self.s.route, target,
                                       serialize_head(request_line(method, path), headers), method, framing)
 
@@ -140,18 +144,7 @@ class H2Exchange:
         if response.status == 101:
             origin.close()
             raise UpstreamError("protocol", target.hostport, "origin switched protocols on a plain request")
-        record.status = response.status
-        decoder = origin.response_decoder(response)
-        block = h2map.h2_response_block(response.status, response.headers, self.s.pseudonym)
-        try:
-            if decoder.done:
-                self.stream.send_headers(block, end_stream=True)
-            else:
-                self.stream.send_headers(block)
-                self._download(origin, decoder)
-        except BaseException:
-            origin.close()
-            raise
+        self._relay_response(origin, response)
         origin.finish(response)
 
     def _discard_body(self, check) -> None:
@@ -175,7 +168,7 @@ class H2Exchange:
         check.end()
         if framing.kind == "chunked":
             trailers = h2map.parse_trailer_block(self.stream.trailers)   # checked like any field
-            send(sock, last_chunk(trailers), "origin", timeout, name)
+            send(sock, last_chunk(fwd.forwardable_trailers(trailers)), "origin", timeout, name)
 
     def _informational(self, raw: bytes, response) -> None:
         self.stream.send_headers(h2map.h2_response_block(response.status, response.headers, self.s.pseudonym),
@@ -229,6 +222,7 @@ class H2Exchange:
                            Identity(self.record.user)).run_over_stream(self.stream)
 
     def _relay(self, sock: socket.socket, socket_first: bytes = b"") -> None:
+        self.stream.stall_timeout = None          # stream_pipe bounds it by the tunnel idle timeout
         with self.s.ctx.observer.live(self.record.kind):        # "tunnel" or "websocket"
             result = relay.stream_pipe(self.stream, sock, self.s.config.limits.tunnel_idle_timeout,
                                        socket_first)
@@ -251,7 +245,10 @@ class H2Exchange:
             self.record.upstream = origin.upstream_address
         try:
             if response.status != 101:
-                self.record.status = response.status
+                if 200 <= response.status < 300:
+                    # RFC 8441 §5: a 2xx opens the WebSocket for the client, which this did not
+                    raise h2map.UpstreamHandshakeError(
+                        f"origin answered {response.status} to the WebSocket handshake", response.status)
                 self._relay_response(origin, response)
                 return
             h2map.check_websocket_switch(key, response.status, response.headers, request=req)
@@ -262,10 +259,21 @@ class H2Exchange:
             origin.close()
 
     def _relay_response(self, origin: OriginRequest, response) -> None:
-        decoder = origin.response_decoder(response)
-        block = h2map.h2_response_block(response.status, response.headers, self.s.pseudonym)
-        if decoder.done:
-            self.stream.send_headers(block, end_stream=True)
-        else:
-            self.stream.send_headers(block)
-            self._download(origin, decoder)
+        """The origin's final response on the stream. A head whose framing is broken (say two
+        Content-Lengths) is a 502 and the origin connection is closed; a body framed by length
+        goes on with that one content-length, any other without (a Content-Length beside
+        Transfer-Encoding, RFC 9112 §6.3, does not say what the client gets)."""
+        try:
+            framing = response_framing(origin.method, response)
+            fields = fwd.response_fields(response.headers, framing.length if framing.kind == "length" else None)
+            block = h2map.h2_response_block(response.status, fields, self.s.pseudonym)
+            decoder = body_decoder(framing)
+            self.record.status = response.status
+            if decoder.done:
+                self.stream.send_headers(block, end_stream=True)
+            else:
+                self.stream.send_headers(block)
+                self._download(origin, decoder)
+        except BaseException:
+            origin.close()
+            raise

@@ -11,8 +11,11 @@ Loopback only; every read has a deadline and every loop a bounded count.
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import ssl
+import struct
+import termios
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +25,10 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import (
+    ContinuationFrame, DataFrame, HeadersFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame,
+    WindowUpdateFrame,
+)
 
 CLIENT_WINDOW = 16 * 1024 * 1024      # we read everything at once: never stall the proxy on us
 
@@ -48,10 +54,17 @@ class Response:
 
 
 class H2RawClient:
-    def __init__(self, port: int, ca_path, timeout: float = 10.0, handshake: bool = True) -> None:
+    def __init__(self, port: int, ca_path, timeout: float = 10.0, handshake: bool = True,
+                 stream_window: int = CLIENT_WINDOW, rcvbuf: int | None = None) -> None:
+        """`stream_window`: the INITIAL_WINDOW_SIZE advertised (0: the proxy may send no DATA);
+        `rcvbuf`: a small SO_RCVBUF, set before connecting, for a client that stops reading."""
         context = ssl.create_default_context(cafile=str(ca_path))
         context.set_alpn_protocols(["h2"])
-        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        raw.settimeout(timeout)
+        raw.connect(("127.0.0.1", port))
         self.sock = context.wrap_socket(raw, server_hostname="localhost")
         assert self.sock.selected_alpn_protocol() == "h2"
         self.timeout = timeout
@@ -60,7 +73,7 @@ class H2RawClient:
             validate_outbound_headers=False, normalize_outbound_headers=False,
             validate_inbound_headers=False, normalize_inbound_headers=False))
         self.conn.local_settings = h2.settings.Settings(client=True, initial_values={
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: CLIENT_WINDOW,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
         self.conn.initiate_connection()
@@ -129,6 +142,11 @@ class H2RawClient:
         self.conn.reset_stream(sid, code)
         self.flush()
 
+    def trailers(self, sid: int, headers: list) -> None:
+        """A trailing HEADERS block that ends the stream."""
+        self.conn.send_headers(sid, headers, end_stream=True)
+        self.flush()
+
     def header_block(self, headers: list) -> bytes:
         """An HPACK block from this connection's encoder (keeps the dynamic tables in step)."""
         return self.conn.encoder.encode(headers)
@@ -160,6 +178,26 @@ class H2RawClient:
     @staticmethod
     def ping_frame(n: int) -> bytes:
         return PingFrame(0, opaque_data=n.to_bytes(8, "big")).serialize()
+
+    @staticmethod
+    def data_frame(sid: int, payload: bytes = b"", end_stream: bool = False) -> bytes:
+        """A DATA frame h2's flow-control bookkeeping never sees (an empty one costs nothing)."""
+        f = DataFrame(sid, data=payload)
+        f.flags = {"END_STREAM"} if end_stream else set()
+        return f.serialize()
+
+    @staticmethod
+    def priority_frame(sid: int, depends_on: int = 0) -> bytes:
+        return PriorityFrame(sid, depends_on=depends_on, stream_weight=15).serialize()
+
+    @staticmethod
+    def window_update_frame(sid: int, increment: int) -> bytes:
+        """Any increment, 0 included (which hyperframe refuses to parse, not to build)."""
+        return WindowUpdateFrame(sid, window_increment=increment).serialize()
+
+    def receive_queue(self) -> int:
+        """Bytes the kernel holds for us, unread (SIOCINQ): grows while we do not read."""
+        return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
 
     # --- receiving ----------------------------------------------------------------------------
 
