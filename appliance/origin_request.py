@@ -114,12 +114,14 @@ class OriginRequest:
         except _BODY_FAILURES as exc:
             # The body broke off: reset the origin connection (linger 0 makes close send RST)
             # so the origin never takes a truncated body for a complete request, and wake the
-            # response reader, since this exchange is over.
+            # response reader, since this exchange is over. Only the read side is shut: SHUT_WR
+            # would send the origin a FIN ahead of the RST, the very end of a request it must
+            # not see.
             try:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             except OSError:
                 pass
-            shutdown_socket(conn.sock, socket.SHUT_RDWR)
+            shutdown_socket(conn.sock, socket.SHUT_RD)
             return exc
 
     def _final_head(self, informational) -> ResponseHead:

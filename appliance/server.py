@@ -1,6 +1,7 @@
 """Starts the listeners, routes each accepted connection to its frontend, handles signals.
 
-Each listener address gets a gevent `StreamServer`; all share one bounded `Pool`, and
+Each listener address gets a gevent `StreamServer` (`ListenerServer`: it still refuses
+connections when out of file descriptors); all share one bounded `Pool`, and
 `limits.ConnectionLimiter` answers connections over `[limits] max_connections` (in all, and per
 client address) with a refusal, so a flood neither exhausts memory nor starves other clients.
 Signals: TERM/INT drain ([limits] drain_timeout) and stop, HUP reloads the config (kept if
@@ -35,7 +36,7 @@ from .frontends.socks5 import Socks5Session
 from .frontends.status_page import status_page
 from .frontends.tls import TlsSession, listener_certificate, server_context
 from .frontends.transparent import TransparentHttpSession, TransparentTlsSession
-from .limits import ConnectionLimiter, RefusalLog, refuse_connection
+from .limits import ConnectionLimiter, DescriptorReserve, RefusalLog, refuse_connection
 from .netfilter import allow_tproxy
 from .observe import AccessLog, Observer
 from .status import StatusPublisher
@@ -67,6 +68,26 @@ def listening_socket(address: Address, backlog: int = 1024, transparent: bool = 
     return sock
 
 
+class ListenerServer(StreamServer):
+    """A StreamServer that, out of file descriptors, refuses waiting connections (through the
+    descriptor reserve) instead of leaving them in the backlog, and accepts again as soon as
+    descriptors are free; gevent alone would log a traceback and back off."""
+
+    def __init__(self, listener, handle, spawn, kind: str, reserve: DescriptorReserve) -> None:
+        super().__init__(listener, handle, spawn=spawn)
+        self.kind = kind
+        self.reserve = reserve
+
+    def do_read(self):
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno not in DescriptorReserve.SHORTAGE:
+                raise
+            self.reserve.shed(self.kind, self.socket)
+            return None
+
+
 class ApplianceServer:
     def __init__(self, config: Config, worker: int | None = None,
                  status_dir: Path | None = None) -> None:
@@ -80,6 +101,7 @@ class ApplianceServer:
         self.limiter = ConnectionLimiter()
         self._admin_auth: BasicAuthGuard | None = None
         self.refusals = RefusalLog()
+        self.descriptor_reserve = DescriptorReserve()
         self.started_at = time.time()
         self._stop = Event()
         # Refusals over a limit need a greenlet too: the pool has room for them beyond the limit.
@@ -161,8 +183,8 @@ class ApplianceServer:
             if (kind, address) in self.listeners:
                 continue
             handler = self._limited(kind, self._handler(kind, address))
-            server = StreamServer(listening_socket(address, transparent=kind in TRANSPARENT),
-                                  handler, spawn=self._pool)
+            server = ListenerServer(listening_socket(address, transparent=kind in TRANSPARENT),
+                                    handler, self._pool, kind, self.descriptor_reserve)
             server.start()
             self.listeners[(kind, address)] = server
             log.info("%s listener on %s", kind, address)
@@ -185,7 +207,9 @@ class ApplianceServer:
 
     def _limited(self, kind: str, handler):
         """`handler`, behind [limits] max_connections and max_connections_per_client (the admin
-        listener is exempt from the per-client cap, so an operator can always look)."""
+        listener is exempt from the per-client cap, so an operator can always look), and behind
+        the last guard: an exception a frontend let through is logged once with its traceback
+        and closes that connection only (frontends answer their own 500s where they can)."""
         def serve(sock, addr) -> None:
             client = addr[0]
             limits = self.config.limits
@@ -198,6 +222,9 @@ class ApplianceServer:
                 return
             try:
                 handler(sock, addr)
+            except Exception:          # a bug no frontend caught: this connection only
+                log.exception("internal error on the %s listener, connection from %s; closed", kind, client)
+                sock.close()
             finally:
                 self.limiter.release(client)
         return serve

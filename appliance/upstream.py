@@ -121,7 +121,9 @@ class Resolver:
                 for qtype in ("A", "AAAA"):
                     found += self._ask(server, host, qtype)
                 return found
-            except (OSError, UpstreamError, ValueError) as exc:
+            except UpstreamError as exc:
+                last = f"{server}: {exc.detail}"
+            except (OSError, ValueError) as exc:
                 last = f"{server}: {exc}"
         raise UpstreamError("dns", host, last)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 
 from gevent import socket
 
@@ -22,11 +23,12 @@ from .. import relay
 from ..admission import Identity, admit
 from ..context import ProxyContext
 from ..errors import AuthRequired, ClientError, PolicyDenied, UpstreamError, http_reply
+from ..limits import UploadPace
 from ..observe import AccessRecord
 from ..origin_request import OriginRequest
 from ..protocols import forwarding as fwd
 from ..protocols import websocket_bridge
-from ..protocols.h2_mapping import h2_via
+from ..protocols.h2_mapping import check_websocket_switch, h2_via
 from ..protocols.http1 import (
     Headers, LocalProtocolError, RemoteProtocolError, RequestHead, ResponseHead, body_decoder,
     chunk_header, header_value, header_values, last_chunk, parse_request_head, request_framing,
@@ -56,11 +58,20 @@ class BodyPump:
     """Moves one message body from a reader to a socket, re-framing it for the receiving side."""
 
     def __init__(self, src: SocketReader, dst: socket.socket, dst_side: str, timeout: float,
-                 chunked_out: bool, dst_name: str = "") -> None:
+                 chunked_out: bool, dst_name: str = "", pace: UploadPace | None = None) -> None:
         self.src, self.dst, self.dst_side = src, dst, dst_side
         self.timeout, self.dst_name = timeout, dst_name
         self.chunked_out = chunked_out
+        self.pace = pace                 # for a request body: the rate it must keep up
         self.sent = 0
+
+    def _recv(self) -> bytes:
+        if self.pace is None:
+            return self.src.recv()
+        started = time.monotonic()
+        data = self.src.recv()
+        self.pace.note(time.monotonic() - started, len(data))
+        return data
 
     def _send(self, data: bytes) -> None:
         send(self.dst, data, self.dst_side, self.timeout, self.dst_name)
@@ -70,7 +81,7 @@ class BodyPump:
         """Stream the body; `prefix` (a head) goes out with the first body bytes."""
         pending = prefix
         while not decoder.done:
-            data = self.src.recv()
+            data = self._recv()
             if not data:
                 decoder.feed_eof()
                 break
@@ -239,6 +250,8 @@ class Http1Session(ClientSession):
             raise PolicyDenied("Via header names this appliance", "forwarding loop detected")
         websocket = fwd.is_websocket_upgrade(head.method, head.headers)
         record.kind = "websocket" if websocket else "request"
+        if websocket:
+            websocket_bridge.client_key(head.headers)       # a bad handshake never leaves: 400
         target, _ = self.admit_request(record, head.headers, target, record.kind, head.method)
         if self.route is not None:
             record.target = f"{target.scheme}://{target.authority}{target.path}"
@@ -340,8 +353,8 @@ class OriginExchange:
 
     def _upload(self, origin_sock: socket.socket) -> None:
         BodyPump(self.s.client, origin_sock, "origin", self.request.timeout,
-                 chunked_out=self.framing.kind == "chunked",
-                 dst_name=self.request.target.hostport).run(body_decoder(self.framing))
+                 chunked_out=self.framing.kind == "chunked", dst_name=self.request.target.hostport,
+                 pace=UploadPace(self.s.limits.header_timeout)).run(body_decoder(self.framing))
 
     def _informational(self, raw: bytes, response: ResponseHead) -> None:
         if self.head.version >= (1, 1):          # 100 Continue and friends go to 1.1 clients
@@ -396,8 +409,15 @@ class OriginExchange:
         return self.request.finish(response) and keep_client
 
     def _switch(self, response: ResponseHead) -> bool:
-        """After 101 Switching Protocols the two connections are one byte tunnel (RFC 9110 §15.2.2)."""
+        """After 101 Switching Protocols the two connections are one byte tunnel (RFC 9110 §15.2.2);
+        only after the origin completed the client's handshake (RFC 6455 §4.1), else 502."""
         record = self.record
+        try:
+            check_websocket_switch(websocket_bridge.client_key(self.head.headers), response.status,
+                                   response.headers)
+        except RemoteProtocolError:
+            self.request.close()
+            raise
         headers = fwd.strip_hop_by_hop(response.headers, keep=frozenset({"upgrade"}))
         headers += (("Connection", "Upgrade"),)
         head = self._client_head(response, headers)
