@@ -24,11 +24,14 @@ _NEGOTIATED = (("sec-websocket-protocol", "Sec-WebSocket-Protocol"),
 
 
 def client_key(headers: Headers) -> str:
-    """The client's Sec-WebSocket-Key: 16 bytes in base64 (RFC 6455 §4.1, item 7)."""
-    key = header_value(headers, "sec-websocket-key") or ""
-    if not is_websocket_key(key):
+    """The client's Sec-WebSocket-Key: one, of 16 bytes in base64 (RFC 6455 §4.1, item 7), in a
+    handshake for version 13 (item 9), the only one there is; else a 400 before anything is sent."""
+    keys = [v for k, v in headers if k.lower() == "sec-websocket-key"]
+    if len(keys) != 1 or not is_websocket_key(keys[0].strip(" \t")):
         raise RemoteProtocolError("WebSocket handshake without a valid Sec-WebSocket-Key")
-    return key
+    if (header_value(headers, "sec-websocket-version") or "").strip(" \t") != "13":
+        raise RemoteProtocolError("WebSocket handshake for a version other than 13")
+    return keys[0].strip(" \t")
 
 
 def extended_connect_block(target: Target, headers: Headers, pseudonym: str) -> list[tuple[str, str]]:
