@@ -21,7 +21,7 @@ from .context import ProxyContext
 from .errors import ClientError, UpstreamError
 from .protocols.forwarding import Target
 from .protocols.http1 import (
-    CHUNKED, NO_BODY, BodyDecoder, Framing, RemoteProtocolError, ResponseHead, body_decoder,
+    CHUNKED, NO_BODY, Framing, RemoteProtocolError, ResponseHead,
     header_value, parse_response_head, response_framing, wants_keep_alive,
 )
 from .reader import SocketReader
@@ -141,9 +141,6 @@ class OriginRequest:
         return None
 
     # --- response ---------------------------------------------------------------------------
-
-    def response_decoder(self, response: ResponseHead) -> BodyDecoder:
-        return body_decoder(response_framing(self.method, response))
 
     def finish(self, response: ResponseHead, reusable: bool = True) -> bool:
         """After the response body: settle the upload, pool or close. True if the upload ended well.

@@ -23,7 +23,6 @@ import socket
 import struct
 import threading
 import time
-from pathlib import Path
 
 import h11
 import pytest

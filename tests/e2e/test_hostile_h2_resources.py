@@ -31,7 +31,7 @@ from appliance.frontends.h2 import MAX_EMPTY_FRAMES, MAX_RESETS
 
 from .conftest import Appliance
 from .h2_raw_client import H2RawClient, Response
-from .test_hostile_http1_smuggling import Recording, forwarded, recording  # noqa: F401
+from .test_hostile_http1_smuggling import forwarded, recording  # noqa: F401
 
 HEADERS_FRAME = 0x1
 STREAMS_PER_CONNECTION = 2000    # [limits] max_h2_streams_per_connection here (10,000 by default)
