@@ -60,7 +60,7 @@ def admit(ctx: ProxyContext, config: Config, record: AccessRecord, headers: Head
     record.rule = decision.rule
     if decision.action == "deny":
         raise PolicyDenied(decision.rule)
-    return decision
+    return dataclasses.replace(decision, addresses=intent.addresses) if intent.addresses else decision
 
 
 def is_local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -187,6 +187,14 @@ class PolicySection:
 
 
 @dataclass(frozen=True)
+class WebsocketSection:
+    inspect: bool = False                   # parse every frame (wsproto) instead of relaying bytes
+    max_frame_bytes: int = 1 << 20          # when inspecting: a frame announcing more: close 1009
+    max_message_bytes: int = 16 << 20       # when inspecting: a larger message (inflated): 1009
+    allow_compression: bool = True          # when inspecting: permessage-deflate (RFC 7692)
+
+
+@dataclass(frozen=True)
 class Rule:
     """One `[[rule]]`; empty matchers match anything. Matching itself is `policy`'s business."""
 
@@ -216,6 +224,7 @@ class Config:
     limits: LimitsSection = field(default_factory=LimitsSection)
     log: LogSection = field(default_factory=LogSection)
     policy: PolicySection = field(default_factory=PolicySection)
+    websocket: WebsocketSection = field(default_factory=WebsocketSection)
     rules: tuple[Rule, ...] = ()
 
 
@@ -342,6 +351,10 @@ _SECTIONS: dict[str, tuple[type, dict[str, Convert]]] = {
         "level": choice("debug", "info", "warning", "error"),
     }),
     "policy": (PolicySection, {"connect_ports": each(port_range)}),
+    "websocket": (WebsocketSection, {
+        "inspect": boolean, "allow_compression": boolean,
+        "max_frame_bytes": integer(125, 1 << 40), "max_message_bytes": integer(125, 1 << 40),
+    }),
 }
 # Defaults that must go through their converter: paths resolve against the config's folder.
 _TOML_DEFAULTS = {"appliance": {"state_dir": "var"}}

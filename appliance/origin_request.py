@@ -35,7 +35,7 @@ _BODY_FAILURES = (ClientError, UpstreamError, RemoteProtocolError, StreamGone)
 class OriginRequest:
     def __init__(self, ctx: ProxyContext, target: Target, head: bytes, method: str,
                  framing: Framing, fresh: bool = False, tls: bool = False,
-                 address: str | None = None, tls_host: str | None = None) -> None:
+                 addresses: tuple[str, ...] = (), tls_host: str | None = None) -> None:
         self.ctx = ctx
         self.target = target
         self.head = head
@@ -43,7 +43,7 @@ class OriginRequest:
         self.framing = framing
         self.fresh = fresh                 # a connection of its own (Upgrade), never pooled
         self.tls = tls
-        self.address = address             # dial this address instead of resolving the host
+        self.addresses = addresses         # dial these (admitted or the route's), not what DNS says now
         self.tls_host = tls_host or target.host   # the name the origin's certificate must carry
         self.timeout = ctx.config.upstream.response_timeout
         self.max_header_bytes = ctx.config.limits.max_header_bytes
@@ -57,23 +57,26 @@ class OriginRequest:
 
     @classmethod
     def routed(cls, ctx: ProxyContext, route: OriginRoute | None, target: Target, head: bytes,
-               method: str, framing: Framing, fresh: bool = False) -> OriginRequest:
-        """A request toward `target`, or, on an intercepted connection, toward its route."""
+               method: str, framing: Framing, fresh: bool = False,
+               addresses: tuple[str, ...] = ()) -> OriginRequest:
+        """A request toward `target`, or, on an intercepted connection, toward its route;
+        `addresses`: what policy admitted the target as (`Decision.addresses`)."""
         if route is None:
-            return cls(ctx, target, head, method, framing, fresh, tls=target.scheme in ("https", "wss"))
-        return cls(ctx, target, head, method, framing, fresh, tls=route.tls, address=route.address,
-                   tls_host=route.host)
+            return cls(ctx, target, head, method, framing, fresh, tls=target.scheme in ("https", "wss"),
+                       addresses=addresses)
+        return cls(ctx, target, head, method, framing, fresh, tls=route.tls,
+                   addresses=(route.address,) if route.address else addresses, tls_host=route.host)
 
     def _open(self) -> OriginConnection:
         host, port = self.tls_host, self.target.port
         tls = self.ctx.origin_tls if self.tls else None
         if self.fresh:
             timeout = self.ctx.config.upstream.connect_timeout
-            sock = connect(self.ctx.resolver, host, port, timeout, self.address)
+            sock = connect(self.ctx.resolver, host, port, timeout, self.addresses)
             if tls is not None:
                 sock = wrap_tls(sock, tls, host, timeout)
             return OriginConnection(sock, (host, port))
-        return self.ctx.pool.get(host, port, tls, self.address)
+        return self.ctx.pool.get(host, port, tls, self.addresses)
 
     def send(self, upload: Upload | None = None,
              informational: Callable[[bytes, ResponseHead], None] | None = None) -> ResponseHead:

@@ -7,7 +7,7 @@ traffic alike. No matching rule means deny, like a firewall's default policy.
 Destination CIDRs match an IP-literal target, or any address the target's name resolved to
 (`Intent.addresses`), so a name cannot slip past a rule written for the addresses behind it.
 
-Before the rules, `refusal` applies what no rule can allow: a destination that is not a unicast
+After the rules allow, `refusal` applies what no rule can allow: a destination that is not a unicast
 address (0.0.0.0/8 and :: reach this host; multicast and broadcast are no TCP peers), a forwarding
 loop (this appliance's own listeners), and a CONNECT to a port outside `[policy] connect_ports`
 (Squid's `http_access deny CONNECT !SSL_ports`).
@@ -49,6 +49,9 @@ class Decision:
     action: str                      # allow | deny | intercept | passthrough
     rule: str                        # the rule's name, or DEFAULT_DENY
     rule_index: int | None = None
+    # What a name was admitted as: its addresses, checked here, are the ones to dial (connect
+    # never resolves it again, so DNS cannot answer otherwise in between: rebinding).
+    addresses: tuple[str, ...] = ()
 
     @property
     def allowed(self) -> bool:

@@ -167,12 +167,13 @@ class OriginRoute:
 
 
 def connect(resolver: Resolver, host: str, port: int, timeout: float,
-            address: str | None = None) -> socket.socket:
-    """Open a TCP connection to host:port (or to `address`, if given), trying each address of
-    the name in turn within `timeout`."""
+            addresses: tuple[str, ...] = ()) -> socket.socket:
+    """Open a TCP connection to host:port, trying in turn within `timeout` each of `addresses`
+    (those policy admitted, or an intercepted connection's original destination), or, when none
+    are given, each address the name resolves to."""
     deadline = time.monotonic() + timeout
     target = f"{host}:{port}"
-    addresses = [address] if address else resolver.resolve(host)
+    addresses = addresses or resolver.resolve(host)
     last: UpstreamError | None = None
     for address in addresses:
         left = deadline - time.monotonic()
@@ -262,10 +263,11 @@ class OriginPool:
         self._count = 0
 
     def get(self, host: str, port: int, tls: ssl.SSLContext | None = None,
-            address: str | None = None) -> OriginConnection:
+            addresses: tuple[str, ...] = ()) -> OriginConnection:
         """A live idle connection if one is pooled, else a new one (TLS-verified for `host`
-        when `tls` is given, dialled to `address` when given)."""
-        key = (host, port, id(tls) if tls is not None else None, address)
+        when `tls` is given, dialled to one of `addresses` when given): connections are pooled
+        per set of addresses, so one dialled for another answer of DNS is never taken."""
+        key = (host, port, id(tls) if tls is not None else None, tuple(sorted(addresses)))
         conns = self._idle.get(key)
         while conns:
             conn = conns.pop()
@@ -278,7 +280,7 @@ class OriginPool:
             conn.close()
             conns = self._idle.get(key)
         timeout = self.settings.connect_timeout
-        sock = connect(self.resolver, host, port, timeout, address)
+        sock = connect(self.resolver, host, port, timeout, addresses)
         if tls is not None:
             sock = wrap_tls(sock, tls, host, timeout)
         return OriginConnection(sock, key)

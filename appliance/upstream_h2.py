@@ -48,9 +48,10 @@ class H2Tunnel(relay.StreamSide):
 
     @classmethod
     def open(cls, resolver: Resolver, target: Target, block, connect_timeout: float,
-             response_timeout: float) -> tuple["H2Tunnel", int, tuple]:
-        """Connect, check RFC 8441 support, send the extended CONNECT; returns the response."""
-        sock = connect(resolver, target.host, target.port, connect_timeout)
+             response_timeout: float, addresses: tuple[str, ...] = ()) -> tuple["H2Tunnel", int, tuple]:
+        """Connect (to `addresses`, those policy admitted, when given), check RFC 8441 support,
+        send the extended CONNECT; returns the response."""
+        sock = connect(resolver, target.host, target.port, connect_timeout, addresses)
         tunnel = cls(sock, target.hostport, response_timeout)
         try:
             tunnel._handshake()

@@ -31,6 +31,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {forbidden!
     "appliance.protocols.proxy_auth",
     "appliance.protocols.tls_clienthello",
     "appliance.protocols.socks5",
+    "appliance.protocols.websocket_inspect",
     "appliance.policy",
     "pac.render",
     "pac.document",

@@ -95,6 +95,22 @@ def test_connect_refused_is_a_connect_error():
     assert err.value.kind == "connect"
 
 
+def test_connect_dials_the_admitted_addresses_and_never_asks_dns_again(tmp_path):
+    """Policy checked these addresses for the name: connect dials them, whatever DNS would say
+    now (a rebinding nameserver answering a forbidden address the second time is never asked)."""
+    class NoResolver(Resolver):
+        def resolve(self, host):
+            raise AssertionError(f"{host} resolved again")
+    sock, port = _listener()
+    try:
+        origin = connect(NoResolver(hosts=HostsFile(str(tmp_path / "none"))), "rebind.test", port, 5,
+                         ("127.0.0.1",))
+        assert origin.getpeername() == ("127.0.0.1", port)
+        origin.close()
+    finally:
+        sock.close()
+
+
 def test_connect_timeout_is_a_timeout_error():
     sock, port = _listener(backlog=0)          # never accepts: once its queue is full, SYNs wait
     held = []

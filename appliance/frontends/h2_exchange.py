@@ -27,8 +27,10 @@ from ..protocols.http1 import (
     CHUNKED, NO_BODY, Framing, LocalProtocolError, RemoteProtocolError, body_decoder, chunk_header,
     last_chunk, request_line, response_framing, serialize_head,
 )
+from ..protocols.websocket_inspect import WebSocketInspector
 from ..reader import send
 from ..upstream import connect
+from ..websocket_relay import InspectedWebSocket, SocketEnd, StreamEnd, inspector_for, offered_fields
 
 log = logging.getLogger("appliance.h2")
 
@@ -118,7 +120,7 @@ class H2Exchange:
         record = self.record
         if req.scheme != "http" and self.s.route is None:
             raise RemoteProtocolError("https:// URLs go through CONNECT, not in a plain request", 501)
-        target, _ = self.authorize(req, "request", req.method)
+        target, decision = self.authorize(req, "request", req.method)
         method, path, headers = h2map.http1_request_head(req, self.s.pseudonym)
         check = h2map.DataLengthCheck(req.content_length)
         if self.stream.ended_with_headers:
@@ -130,7 +132,8 @@ class H2Exchange:
             framing = CHUNKED
             headers += (("Transfer-Encoding", "chunked"),)
         origin = OriginRequest.routed(self.s.ctx, self.s.route, target,
-                                      serialize_head(request_line(method, path), headers), method, framing)
+                                      serialize_head(request_line(method, path), headers), method, framing,
+                                      addresses=decision.addresses)
 
         def upload(sock: socket.socket) -> None:
             self._upload(sock, framing, check)
@@ -204,7 +207,8 @@ class H2Exchange:
         if decision.action == "intercept":
             self._intercept(host, port)
             return
-        sock = connect(self.s.ctx.resolver, host, port, self.s.config.upstream.connect_timeout)
+        sock = connect(self.s.ctx.resolver, host, port, self.s.config.upstream.connect_timeout,
+                       decision.addresses)
         self.record.upstream = sock.getpeername()[0]
         try:
             self.stream.send_headers([(":status", "200")])
@@ -221,11 +225,16 @@ class H2Exchange:
         TunnelInterception(self.s.ctx, (self.s.client_ip, 0), self.s.listener, host, port,
                            Identity(self.record.user)).run_over_stream(self.stream)
 
-    def _relay(self, sock: socket.socket, socket_first: bytes = b"") -> None:
-        self.stream.stall_timeout = None          # stream_pipe bounds it by the tunnel idle timeout
+    def _relay(self, sock: socket.socket, socket_first: bytes = b"",
+               inspector: WebSocketInspector | None = None) -> None:
+        self.stream.stall_timeout = None          # the relay bounds it by the tunnel idle timeout
+        idle_timeout = self.s.config.limits.tunnel_idle_timeout
         with self.s.ctx.observer.live(self.record.kind):        # "tunnel" or "websocket"
-            result = relay.stream_pipe(self.stream, sock, self.s.config.limits.tunnel_idle_timeout,
-                                       socket_first)
+            if inspector is None:
+                result = relay.stream_pipe(self.stream, sock, idle_timeout, socket_first)
+            else:                                 # `[websocket] inspect`: message by message
+                result = InspectedWebSocket(StreamEnd(self.stream), SocketEnd(sock), inspector,
+                                            idle_timeout, self.record.target).run(origin_first=socket_first)
         self.record.bytes_up += result.a_to_b
         self.record.bytes_down += result.b_to_a
         self.record.error = result.error
@@ -234,11 +243,12 @@ class H2Exchange:
 
     def websocket(self, req) -> None:
         self.record.kind = "websocket"
-        target, _ = self.authorize(req, "websocket", "CONNECT")
+        target, decision = self.authorize(req, "websocket", "CONNECT")
         key = base64.b64encode(os.urandom(16)).decode()
         start, headers = h2map.websocket_http1_request(req, key, self.s.pseudonym)
+        headers = offered_fields(self.s.config.websocket, headers)
         origin = OriginRequest.routed(self.s.ctx, self.s.route, target, serialize_head(start, headers),
-                                      "GET", NO_BODY, fresh=True)
+                                      "GET", NO_BODY, fresh=True, addresses=decision.addresses)
         try:
             response = origin.send()
         finally:
@@ -252,9 +262,10 @@ class H2Exchange:
                 self._relay_response(origin, response)
                 return
             h2map.check_websocket_switch(key, response.status, response.headers, request=req)
+            inspector = inspector_for(self.s.config.websocket, response.headers)
             self.stream.send_headers(h2map.websocket_h2_response(response.headers))
             self.record.status = 200
-            self._relay(origin.conn.sock, origin.reader.buffered)
+            self._relay(origin.conn.sock, origin.reader.buffered, inspector)
         finally:
             origin.close()
 

@@ -37,6 +37,7 @@ from ..protocols.http1 import (
 from ..reader import SocketReader, send
 from ..upstream import OriginRoute, connect
 from ..upstream_h2 import H2Tunnel
+from ..websocket_relay import InspectedWebSocket, SocketEnd, inspector_for, offered_fields
 from .client_session import ClientSession
 
 log = logging.getLogger("appliance.http1")
@@ -188,7 +189,7 @@ class Http1Session(ClientSession):
                          port=port, scheme="tcp", method="CONNECT")
         if decision.action == "intercept":
             return self._intercept(host, port, record)
-        origin = self._connect(host, port)
+        origin = self._connect(host, port, decision.addresses)
         record.upstream = origin.getpeername()[0]
         reply = serialize_head(status_line(200, "Connection established"), ())
         record.bytes_up = self.client.received - len(self.client.buffered)
@@ -216,8 +217,8 @@ class Http1Session(ClientSession):
         interception.run_over_socket(self.sock, self._take_buffered())
         return False
 
-    def _connect(self, host: str, port: int) -> socket.socket:
-        return connect(self.ctx.resolver, host, port, self.config.upstream.connect_timeout)
+    def _connect(self, host: str, port: int, addresses: tuple[str, ...]) -> socket.socket:
+        return connect(self.ctx.resolver, host, port, self.config.upstream.connect_timeout, addresses)
 
     def _take_buffered(self) -> bytes:
         data, self.client.buffered = self.client.buffered, b""
@@ -252,13 +253,15 @@ class Http1Session(ClientSession):
         record.kind = "websocket" if websocket else "request"
         if websocket:
             websocket_bridge.client_key(head.headers)       # a bad handshake never leaves: 400
-        target, _ = self.admit_request(record, head.headers, target, record.kind, head.method)
+        target, decision = self.admit_request(record, head.headers, target, record.kind, head.method)
         if self.route is not None:
             record.target = f"{target.scheme}://{target.authority}{target.path}"
         if websocket and self.route is None and target.hostport in self.config.upstream.h2_origins:
-            return self.websocket_over_h2(head, target, record)
+            return self.websocket_over_h2(head, target, record, decision.addresses)
         headers = fwd.origin_request_headers(head.headers, target, head.version, self.pseudonym,
                                              upgrade=websocket)
+        if websocket:
+            headers = offered_fields(self.config.websocket, headers)
         if framing.kind == "chunked":
             headers += (("Transfer-Encoding", "chunked"),)
         else:                                # one Content-Length, whatever spelling framed it
@@ -266,20 +269,21 @@ class Http1Session(ClientSession):
         if framing.kind == "chunked" and self.client.buffered:
             body_decoder(framing).feed(self.client.buffered)   # refuse a bad first chunk before connecting
         upstream_head = serialize_head(request_line(head.method, target.path), headers)
-        exchange = OriginExchange(self, head, record, target, upstream_head, framing)
+        exchange = OriginExchange(self, head, record, target, upstream_head, framing, decision.addresses)
         return exchange.run(websocket)
 
 
     # --- WebSocket toward an HTTP/2 origin (RFC 8441) --------------------------------------
 
-    def websocket_over_h2(self, head: RequestHead, target: fwd.Target, record: AccessRecord) -> bool:
+    def websocket_over_h2(self, head: RequestHead, target: fwd.Target, record: AccessRecord,
+                          addresses: tuple[str, ...]) -> bool:
         """The client's Upgrade becomes an extended CONNECT; its 101 comes from us, with the
         accept value for its own key, once the origin has opened the stream with 200."""
         key = websocket_bridge.client_key(head.headers)
         block = websocket_bridge.extended_connect_block(target, head.headers, self.pseudonym)
         upstream = self.config.upstream
-        tunnel, status, headers = H2Tunnel.open(self.ctx.resolver, target, block,
-                                                upstream.connect_timeout, upstream.response_timeout)
+        tunnel, status, headers = H2Tunnel.open(self.ctx.resolver, target, block, upstream.connect_timeout,
+                                                upstream.response_timeout, addresses)
         record.upstream = tunnel.sock.getpeername()[0]
         try:
             if status != 200:
@@ -333,13 +337,13 @@ class OriginExchange:
     """One client request forwarded to an origin and its response streamed back to the client."""
 
     def __init__(self, session: Http1Session, head: RequestHead, record: AccessRecord,
-                 target: fwd.Target, upstream_head: bytes, framing) -> None:
+                 target: fwd.Target, upstream_head: bytes, framing, addresses: tuple[str, ...]) -> None:
         self.s = session
         self.head = head
         self.record = record
         self.framing = framing
         self.request = OriginRequest.routed(session.ctx, session.route, target, upstream_head,
-                                            head.method, framing)
+                                            head.method, framing, addresses=addresses)
 
     def run(self, websocket: bool) -> bool:
         self.request.fresh = websocket
@@ -409,12 +413,14 @@ class OriginExchange:
         return self.request.finish(response) and keep_client
 
     def _switch(self, response: ResponseHead) -> bool:
-        """After 101 Switching Protocols the two connections are one byte tunnel (RFC 9110 §15.2.2);
-        only after the origin completed the client's handshake (RFC 6455 §4.1), else 502."""
+        """After 101 Switching Protocols the two connections are one byte tunnel (RFC 9110 §15.2.2),
+        or with `[websocket] inspect` one WebSocket inspected message by message; only after the
+        origin completed the client's handshake (RFC 6455 §4.1), else 502."""
         record = self.record
         try:
             check_websocket_switch(websocket_bridge.client_key(self.head.headers), response.status,
                                    response.headers)
+            inspector = inspector_for(self.s.config.websocket, response.headers)
         except RemoteProtocolError:
             self.request.close()
             raise
@@ -426,9 +432,14 @@ class OriginExchange:
         record.bytes_up = self.s.client.received - len(self.s.client.buffered)
         origin_sock = self.request.conn.sock
         with self.s.ctx.observer.live("websocket"):
-            result = relay.pipe(self.s.sock, origin_sock, self.s.limits.tunnel_idle_timeout,
-                                a_to_b_first=self.s._take_buffered(),
-                                b_to_a_first=self.request.reader.buffered)
+            if inspector is not None:
+                result = InspectedWebSocket(SocketEnd(self.s.sock), SocketEnd(origin_sock), inspector,
+                                            self.s.limits.tunnel_idle_timeout, record.target).run(
+                    self.s._take_buffered(), self.request.reader.buffered)
+            else:
+                result = relay.pipe(self.s.sock, origin_sock, self.s.limits.tunnel_idle_timeout,
+                                    a_to_b_first=self.s._take_buffered(),
+                                    b_to_a_first=self.request.reader.buffered)
         self.request.close()
         record.bytes_up += result.a_to_b
         record.bytes_down += len(head) + result.b_to_a

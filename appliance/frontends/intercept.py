@@ -187,7 +187,8 @@ class TlsInterception:
         in time; the verified connection serves the first request."""
         route = self.route
         try:
-            conn = self.ctx.pool.get(route.host, route.port, self.ctx.origin_tls, route.address)
+            conn = self.ctx.pool.get(route.host, route.port, self.ctx.origin_tls,
+                                     (route.address,) if route.address else ())
         except UpstreamError as exc:
             log.warning("intercepted %s:%d from %s: origin refused: %s", route.host, route.port,
                         self.client_ip, exc)

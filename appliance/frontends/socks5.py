@@ -135,7 +135,7 @@ class Socks5Session(ClientSession):
                                request.port, identity).run_over_socket(self.sock, self._take_buffered())
             return
         origin = connect(self.ctx.resolver, request.host, request.port,
-                         self.config.upstream.connect_timeout)
+                         self.config.upstream.connect_timeout, decision.addresses)
         try:
             record.upstream = origin.getpeername()[0]
             self._reply(socks5.REP_SUCCEEDED, origin.getsockname())

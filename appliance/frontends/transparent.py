@@ -144,7 +144,7 @@ class TransparentTlsSession:
     def _passthrough(self, host: str, port: int, record: AccessRecord) -> None:
         """The client's bytes, ClientHello first, go to the original destination untouched."""
         try:
-            origin = connect(self.ctx.resolver, host, port, self.config.upstream.connect_timeout, host)
+            origin = connect(self.ctx.resolver, host, port, self.config.upstream.connect_timeout, (host,))
         except UpstreamError as exc:
             record.error = f"upstream {exc.kind}: {exc.detail}"
             log.info("transparent TLS from %s to %s: %s", self.client_ip, record.target, exc)

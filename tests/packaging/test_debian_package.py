@@ -314,7 +314,8 @@ def free_ports(count: int) -> list[int]:
 
 def config_for_test(shipped: str, listeners: dict[str, int], origin_port: int, workers: int) -> str:
     """The shipped config with loopback test ports and `workers`, and a first rule letting this
-    test reach its origin on loopback (which the shipped rules rightly deny)."""
+    test reach its origin on loopback (which the shipped rules rightly deny), whose port CONNECT
+    may reach besides 443."""
     out, section = [], ""
     for line in shipped.splitlines(keepends=True):
         if line.startswith("["):
@@ -327,6 +328,8 @@ def config_for_test(shipped: str, listeners: dict[str, int], origin_port: int, w
                 out += [f'{kind} = "127.0.0.1:{port}"\n' for kind, port in listeners.items()]
         elif section == "[appliance]" and line.startswith("workers ="):
             out.append(f"workers = {workers}\n")
+        elif section == "[policy]" and line.startswith("connect_ports ="):
+            out.append(f"connect_ports = [443, {origin_port}]\n")   # CONNECT to the test origin too
         elif section != "[listen]":
             out.append(line)
     return "".join(out)
