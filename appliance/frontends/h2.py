@@ -116,6 +116,14 @@ class H2Stream(relay.StreamSide):
     def ack(self, n: int) -> None:
         self.session.ack(self.id, n)
 
+    def peer_may_send(self) -> bool:
+        """Whether our flow-control windows let the client send on this stream now: if not, a
+        wait for its DATA is our backpressure, not the client's slowness."""
+        try:
+            return self.session.conn.remote_flow_control_window(self.id) > 0
+        except (h2.exceptions.StreamClosedError, KeyError):         # KeyError: h2 4.1
+            return False
+
     # outbound
 
     def send_headers(self, block, end_stream: bool = False, final: bool = True) -> None:

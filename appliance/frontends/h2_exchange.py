@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import time
 
 import h2.errors
 from gevent import socket
@@ -19,6 +20,7 @@ from gevent import socket
 from .. import relay
 from ..admission import Identity
 from ..errors import AuthRequired, ClientError, PolicyDenied, UpstreamError, http_reply
+from ..limits import UploadPace
 from ..observe import AccessRecord
 from ..origin_request import OriginRequest
 from ..protocols import forwarding as fwd
@@ -159,10 +161,14 @@ class H2Exchange:
     def _upload(self, sock: socket.socket, framing: Framing, check) -> None:
         name = self.record.target
         timeout = self.s.config.upstream.response_timeout
+        pace = UploadPace(self.s.config.limits.header_timeout)      # slow POST, as over HTTP/1.1
         while True:
+            ours = not self.stream.peer_may_send()       # our windows closed: our backpressure
+            started = time.monotonic()
             data = self.stream.read()
             if not data:
                 break
+            pace.note(0.0 if ours else time.monotonic() - started, len(data))
             check.data(len(data))
             send(sock, chunk_header(len(data)) + data + b"\r\n" if framing.kind == "chunked" else data,
                  "origin", timeout, name)

@@ -4,7 +4,8 @@ the 503 of the per-client cap).
 
 - Slowloris over the https listener (HTTP/1.1 inside TLS): 408 at the header timeout.
 - Slow POST: a body trickled just within the idle timeout is cut off with 408 once past its
-  grace period (`limits.UploadPace`), and the origin connection is reset, never pooled.
+  grace period (`limits.UploadPace`), and the origin connection is reset, never pooled; over
+  HTTP/1.1 and on an HTTP/2 stream.
 - Slow read: a client that never reads a large response costs bounded memory and is closed
   after the idle timeout.
 - Per-client connection cap: a log line says why; other clients are untouched; the https
@@ -27,6 +28,7 @@ import pytest
 from appliance.limits import MIN_UPLOAD_RATE
 
 from .conftest import Appliance, raw_exchange, read_to_eof
+from .h2_raw_client import H2RawClient
 from .test_hostile_faults import FaultOrigin, open_fds
 
 HEADER_TIMEOUT = 1.0
@@ -120,6 +122,39 @@ def test_body_trickled_within_the_idle_timeout_is_cut_off_and_the_origin_reset(a
             break
         time.sleep(0.05)
     assert fault_origin.outcomes[outcomes:] == ["reset"]          # not a FIN, never pooled
+
+
+def test_body_trickled_over_http2_is_cut_off_too(app, fault_origin, origin):
+    """The same pace for a request stream on the https listener (ALPN h2): a 408 on the stream,
+    the origin reset, the connection and a sibling stream unaffected. Only waits the client is to
+    blame for count: the appliance's windows stay open here, so every wait is the client's."""
+    url = fault_origin.url("read-body")
+    authority, _, path = url.split("://", 1)[1].partition("/")
+    outcomes = len(fault_origin.outcomes)
+    client = H2RawClient(app.https_port, app.ca_path)
+    try:
+        sid = client.request([(":method", "POST"), (":scheme", "http"), (":authority", authority),
+                              (":path", "/" + path), ("content-length", "100000")], end=False)
+        started = time.monotonic()
+        for _ in range(40):                       # 1 byte every 0.25 s: 4 bytes/s
+            client.data(sid, b"b")
+            if client.wait(lambda: client.responses[sid].done, 0.25):
+                break
+        response = client.responses[sid]
+        assert response.status == 408, response
+        assert time.monotonic() - started < HEADER_TIMEOUT + 4
+        sibling = client.response(client.get(f"{origin}/echo?sibling=h2"))
+        assert sibling.status == 200
+    finally:
+        client.close()
+    record = app.wait_record(lambda r: r["target"] == url and r["protocol"] == "HTTP/2")
+    assert record["status"] == 408 and "slower than" in record["error"], record
+    deadline = time.monotonic() + 5
+    for _ in range(100):
+        if len(fault_origin.outcomes) > outcomes or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert fault_origin.outcomes[outcomes:outcomes + 1] == ["reset"]
 
 
 def test_a_fast_body_after_a_slow_start_is_forwarded(app, origin):
