@@ -139,20 +139,26 @@ def _not_unicast(address) -> bool:
     return address.version == 4 and any(address in network for network in _IPV4_NEVER_DIALLED)
 
 
+@lru_cache(maxsize=16)
+def _listening(listen: ListenSection) -> dict[int, tuple]:
+    """Our listeners by port: the addresses bound on each (one config's worth, cached)."""
+    ports: dict[int, list] = {}
+    for kind in ListenSection.__dataclass_fields__:
+        for listener in getattr(listen, kind):
+            ports.setdefault(listener.port, []).append(_ip(listener.host))
+    return {port: tuple(bound) for port, bound in ports.items()}
+
+
 def _is_own_listener(listen: ListenSection, address, port: int, is_local) -> bool:
     """Whether address:port is one of our listening sockets; a wildcard listener (0.0.0.0, ::)
     takes every address of this host, which only `is_local(address)` (I/O) can tell."""
-    for kind in ListenSection.__dataclass_fields__:
-        for listener in getattr(listen, kind):
-            if listener.port != port:
-                continue
-            bound = _ip(listener.host)
-            if bound == address:
+    for bound in _listening(listen).get(port, ()):
+        if bound == address:
+            return True
+        if bound is not None and bound.is_unspecified and is_local(address):
+            # an IPv4 wildcard takes IPv4 only; "::" takes both (dual-stack)
+            if bound.version == 6 or address.version == 4:
                 return True
-            if bound is not None and bound.is_unspecified and is_local(address):
-                # an IPv4 wildcard takes IPv4 only; "::" takes both (dual-stack)
-                if bound.version == 6 or address.version == 4:
-                    return True
     return False
 
 
