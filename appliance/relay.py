@@ -15,6 +15,7 @@ once), or when neither side has moved a byte for `idle_timeout` seconds (one tim
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from gevent.socket import wait_read, wait_write
 BUFFER_SIZE = 256 * 1024
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 SPLICE_AVAILABLE = hasattr(os, "splice")
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)      # Linux; named in fcntl since Python 3.10
 
 
 class _Idle(Exception):
@@ -148,7 +150,11 @@ class _Failures(list):
 # never enters Python, until a read comes back small or would wait. The pipe lives only for that
 # burst, so an idle tunnel holds just its two sockets (descriptors, not memory, would otherwise
 # limit how many idle tunnels one process keeps).
-SCRATCH_SIZE = 64 * 1024          # the default pipe capacity: one splice moves at most this
+SCRATCH_SIZE = 64 * 1024          # the scratch buffer for small reads
+# A burst's pipe is grown to this (F_SETPIPE_SZ; 1 MiB is Linux's default pipe-max-size for
+# unprivileged processes): one splice then moves up to this much, a sixteenth of the system calls
+# and wake-ups of the default 64 KiB pipe. If the kernel refuses, the pipe keeps its 64 KiB.
+BURST_PIPE_SIZE = 1024 * 1024
 LARGE_READ = 16 * 1024            # a read this large is taken as bulk: splice what follows
 # Shared by every plain tunnel of the process: it holds bytes only from a read to the write that
 # follows, with no greenlet switch in between (what a write leaves over is copied out first).
@@ -229,9 +235,13 @@ def _splice_burst(src_fd: int, dst_fd: int, activity: _Activity, flow: _Flow) ->
     spliced byte was passed on) and closed."""
     pipe_out, pipe_in = os.pipe()
     try:
+        try:
+            capacity = fcntl.fcntl(pipe_in, F_SETPIPE_SZ, BURST_PIPE_SIZE)
+        except OSError:
+            capacity = SCRATCH_SIZE
         while True:
             try:
-                n = os.splice(src_fd, pipe_in, SCRATCH_SIZE, flags=_SPLICE_FLAGS)
+                n = os.splice(src_fd, pipe_in, capacity, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 return False
             if n == 0:
