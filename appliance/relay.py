@@ -336,11 +336,24 @@ def _shutdown(*socks) -> None:
         shutdown_socket(s, socket.SHUT_RDWR)
 
 
+def _abort(failures: _Failures, *socks) -> None:
+    """End the tunnel after a failure or a TLS close, waking whatever waits on either socket.
+    A reset from one peer is passed on as a reset to the other (linger 0, and no FIN first: only
+    the read side is shut to wake the readers), so an ending that was not clean never looks like
+    one; any other failure ends both sides with a FIN."""
+    if failures and isinstance(failures[0], ConnectionResetError):
+        for s in socks:
+            _reset_on_close(s)
+            shutdown_socket(s, socket.SHUT_RD)
+    else:
+        _shutdown(*socks)
+
+
 def _abort_on_failure(failures: _Failures, *socks):
     """A link callback: once a direction failed or closed the tunnel, wake the other one."""
     def callback(_greenlet) -> None:
         if failures.over:
-            _shutdown(*socks)
+            _abort(failures, *socks)
     return callback
 
 
@@ -363,7 +376,7 @@ def pipe(a: socket.socket, b: socket.socket, idle_timeout: float, *, a_to_b_firs
     upward.link(_abort_on_failure(failures, a, b))
     failures.run(_direction, b, a, activity, use_splice, b_to_a_first, down)
     if failures.over:
-        _shutdown(a, b)
+        _abort(failures, a, b)
     upward.join()
     idle_watch.cancel()
     return RelayResult(a_to_b=up.moved, b_to_a=down.moved, error=failures.describe())
