@@ -22,7 +22,7 @@ from .errors import ClientError, UpstreamError
 from .protocols.forwarding import Target
 from .protocols.http1 import (
     CHUNKED, NO_BODY, Framing, RemoteProtocolError, ResponseHead,
-    header_value, parse_response_head, response_framing, wants_keep_alive,
+    header_value, parse_response_head, wants_keep_alive,
 )
 from .reader import SocketReader
 from .relay import StreamGone, shutdown_socket
@@ -145,8 +145,9 @@ class OriginRequest:
 
     # --- response ---------------------------------------------------------------------------
 
-    def finish(self, response: ResponseHead, reusable: bool = True) -> bool:
-        """After the response body: settle the upload, pool or close. True if the upload ended well.
+    def finish(self, response: ResponseHead, framing: Framing) -> bool:
+        """After the response body (framed by `framing`, as the frontend read it): settle the
+        upload, pool or close. True if the upload ended well.
 
         An error response may come before the body was consumed; then the upload is stopped and
         the connection closed, since it is no longer at a message boundary.
@@ -162,8 +163,7 @@ class OriginRequest:
                 raise self._upload.value
         conn = self.conn
         conn.buffered = self.reader.buffered       # bytes past the response: the pool refuses it
-        framing = response_framing(self.method, response)
-        if reusable and upload_ok and not self.fresh and not self.answered_early and \
+        if upload_ok and not self.fresh and not self.answered_early and \
                 framing.kind != "close" and wants_keep_alive(response.version, response.headers) and \
                 not (framing is CHUNKED and header_value(response.headers, "content-length") is not None):
             self.ctx.pool.put(conn)

@@ -149,8 +149,7 @@ class H2Exchange:
         if response.status == 101:
             origin.close()
             raise UpstreamError("protocol", target.hostport, "origin switched protocols on a plain request")
-        self._relay_response(origin, response)
-        origin.finish(response)
+        origin.finish(response, self._relay_response(origin, response))
 
     def _discard_body(self, check) -> None:
         data = self.stream.read()
@@ -275,8 +274,8 @@ class H2Exchange:
         finally:
             origin.close()
 
-    def _relay_response(self, origin: OriginRequest, response) -> None:
-        """The origin's final response on the stream. A head whose framing is broken (say two
+    def _relay_response(self, origin: OriginRequest, response) -> Framing:
+        """The origin's final response on the stream; returns how its body was framed. A head whose framing is broken (say two
         Content-Lengths) is a 502 and the origin connection is closed; a body framed by length
         goes on with that one content-length, any other without (a Content-Length beside
         Transfer-Encoding, RFC 9112 §6.3, does not say what the client gets)."""
@@ -294,3 +293,4 @@ class H2Exchange:
         except BaseException:
             origin.close()
             raise
+        return framing

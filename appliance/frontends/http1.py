@@ -410,7 +410,7 @@ class OriginExchange:
             raise
         finally:
             record.bytes_down += pump.sent
-        return self.request.finish(response) and keep_client
+        return self.request.finish(response, framing) and keep_client
 
     def _switch(self, response: ResponseHead) -> bool:
         """After 101 Switching Protocols the two connections are one byte tunnel (RFC 9110 §15.2.2),

@@ -29,7 +29,7 @@ from appliance.limits import MIN_UPLOAD_RATE
 
 from .conftest import Appliance, raw_exchange, read_to_eof
 from .h2_raw_client import H2RawClient
-from .test_hostile_faults import FaultOrigin, open_fds
+from .test_hostile_faults import fault_origin, open_fds  # noqa: F401 (a fixture)
 
 HEADER_TIMEOUT = 1.0
 IDLE_TIMEOUT = 2.0
@@ -47,15 +47,6 @@ def tls_client(app: Appliance) -> ssl.SSLSocket:
     context.set_alpn_protocols(["http/1.1"])
     raw = socket.create_connection(("127.0.0.1", app.https_port), timeout=10)
     return context.wrap_socket(raw, server_hostname="localhost")
-
-
-@pytest.fixture(scope="module")
-def fault_origin():
-    origin = FaultOrigin()
-    try:
-        yield origin
-    finally:
-        origin.close()
 
 
 @pytest.fixture(scope="module")
