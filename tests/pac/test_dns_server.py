@@ -37,15 +37,35 @@ class FakeUpstream:
     """A UDP (and, if `tcp_answer` is set, TCP) resolver on one loopback port."""
 
     def __init__(self, udp_answers=None, tcp_answer=None) -> None:
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
+        self.udp, listener = self._bind(tcp=tcp_answer is not None)
         self.port = self.udp.getsockname()[1]
         self.asked: list[str] = []
         self._greenlets = [gevent.spawn(self._serve_udp, udp_answers or (lambda q: []))]
         self.tcp = None
-        if tcp_answer is not None:
-            self.tcp = StreamServer(("127.0.0.1", self.port), lambda s, _: self._serve_tcp(s, tcp_answer))
+        if listener is not None:
+            self.tcp = StreamServer(listener, lambda s, _: self._serve_tcp(s, tcp_answer))
             self.tcp.start()
+
+    @staticmethod
+    def _bind(tcp: bool):
+        """A UDP socket, and with `tcp` a TCP listener on the same port: the TCP port is taken
+        first and the UDP one beside it (a port free for UDP may be in use for TCP)."""
+        for _ in range(50):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            if not tcp:
+                udp.bind(("127.0.0.1", 0))
+                return udp, None
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.bind(("127.0.0.1", 0))
+            try:
+                udp.bind(listener.getsockname())
+            except OSError:
+                udp.close()
+                listener.close()
+                continue
+            listener.listen(16)
+            return udp, listener
+        raise AssertionError("no loopback port free for both UDP and TCP in 50 tries")
 
     def _serve_udp(self, answers) -> None:
         while True:
